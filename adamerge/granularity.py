@@ -1,0 +1,232 @@
+"""Granularities: how many merge coefficients each (expert, tensor) pair gets and how they broadcast.
+
+Every granularity owns raw trainable parameters of shape ``(K, n)`` per coefficient group, turns
+them into coefficients with a transform (identity, clamp, sigmoid, tanh, softmax over experts) and
+expands a group to a tensor that broadcasts against the ``(K, *shape)`` task-vector stack.
+
+- ``Task``   one coefficient per expert, shared by all tensors (AdaMerging task-wise, arXiv 2310.02575).
+- ``Layer``  one per expert per tensor (AdaMerging layer-wise).
+- ``Block``  one per tensor, optionally P row partitions of it (aTLAS, arXiv 2407.02880).
+- ``Chunk``  n_p contiguous row blocks per tensor, set by glob or by an allocation (Expert Merging++).
+- ``Column`` one per input feature / hidden dim, one scalar per bias (DAM, arXiv 2410.08371).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from adamerge.errors import AdamergeError
+from adamerge.pool import TensorInfo
+
+Transform = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+# name -> (raw -> coefficient, coefficient -> raw); softmax normalizes over experts (dim 0).
+TRANSFORMS: dict[str, Transform] = {
+    "identity": (lambda x: x, lambda c: c),
+    "clamp": (lambda x: x.clamp(0.0, 1.0), lambda c: c),
+    "sigmoid": (torch.sigmoid, torch.logit),
+    "tanh": (torch.tanh, torch.atanh),
+    "softmax": (lambda x: torch.softmax(x, dim=0), torch.log),
+}
+# open/closed interval of init values each transform can represent
+INIT_RANGE = {"clamp": (0.0, 1.0, True), "sigmoid": (0.0, 1.0, False), "tanh": (0.0, 1.0, False)}
+SPACES = ("task_vectors", "weights")
+
+
+class Granularity(nn.Module):
+    """Base class. Subclasses define ``count`` (coefficients per expert for a tensor) and ``expand``.
+
+    Args:
+        init: initial coefficient, one float for all experts or a mapping expert -> float.
+        transform: applied to the raw parameters before use (see ``TRANSFORMS``).
+        space: ``task_vectors`` merges ``W0 + sum_k c_k tau_k``; ``weights`` merges
+            ``sum_k c_k W_k`` (DAM's form), computed from the same stack.
+    """
+
+    def __init__(
+        self, init: float | Mapping[str, float] = 0.3, transform: str = "identity", space: str = "task_vectors"
+    ) -> None:
+        super().__init__()
+        if transform not in TRANSFORMS:
+            raise AdamergeError(f"granularity.transform={transform!r}; choose from {sorted(TRANSFORMS)}")
+        if space not in SPACES:
+            raise AdamergeError(f"granularity.space={space!r}; choose from {list(SPACES)}")
+        self.init, self.transform, self.space = init, transform, space
+        self.raw = nn.ParameterDict()
+        self.keys: dict[str, str] = {}  # tensor name -> key of its group in ``raw``
+        self.infos: dict[str, TensorInfo] = {}
+
+    # ---- what subclasses define ---------------------------------------------------------------
+
+    def count(self, info: TensorInfo) -> int:
+        """Number of coefficients per expert for this tensor."""
+        raise NotImplementedError
+
+    def expand(self, coef: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+        """``(K, n)`` coefficients -> a tensor broadcastable against ``(K, *info.shape)``."""
+        raise NotImplementedError
+
+    def group(self, info: TensorInfo) -> str:
+        """Tensors with the same group share coefficients (all of them, for ``Task``)."""
+        return info.name
+
+    # ---- shared machinery -----------------------------------------------------------------------
+
+    def setup(self, experts: Sequence[str], infos: Sequence[TensorInfo]) -> None:
+        """Create the raw parameters for these experts and tensors, at ``init``."""
+        init = self.init_values(experts)
+        raw_init = TRANSFORMS[self.transform][1](init)
+        for info in infos:
+            self.infos[info.name] = info
+            key = self.group(info).replace(".", "/")
+            self.keys[info.name] = key
+            if key not in self.raw:
+                self.raw[key] = nn.Parameter(raw_init[:, None].repeat(1, self.count(info)))
+
+    def init_values(self, experts: Sequence[str]) -> torch.Tensor:
+        """The ``(K,)`` initial coefficients, validated against the transform's range."""
+        if isinstance(self.init, Mapping):
+            missing = [e for e in experts if e not in self.init]
+            if missing:
+                raise AdamergeError(f"granularity.init has no value for expert(s) {missing}")
+            values = [float(self.init[e]) for e in experts]
+        else:
+            values = [float(self.init)] * len(experts)
+        for v in values:
+            if math.isnan(v) or v < 0:
+                raise AdamergeError(f"granularity.init={v} must be a non-negative number")
+            lo, hi, closed = INIT_RANGE.get(self.transform, (0.0, math.inf, True))
+            inside = lo <= v <= hi if closed else lo < v < hi
+            if not inside or (self.transform == "softmax" and v == 0):
+                raise AdamergeError(f"granularity.init={v} is outside what transform={self.transform!r} can produce")
+        return torch.tensor(values, dtype=torch.float32)
+
+    def coefficients(self, name: str) -> torch.Tensor:
+        """Transformed ``(K, n)`` coefficients of the group that tensor ``name`` belongs to."""
+        return TRANSFORMS[self.transform][0](self.raw[self.keys[name]])
+
+    def broadcast(self, name: str) -> torch.Tensor:
+        """Coefficients for tensor ``name``, broadcastable against its ``(K, *shape)`` stack."""
+        return self.expand(self.coefficients(name), self.infos[name])
+
+    def table(self) -> dict[str, torch.Tensor]:
+        """Transformed coefficients per group (detached, fp32): what is saved and plotted."""
+        fwd = TRANSFORMS[self.transform][0]
+        return {key.replace("/", "."): fwd(p.detach()).float() for key, p in self.raw.items()}
+
+    @torch.no_grad()
+    def load_table(self, table: Mapping[str, torch.Tensor]) -> None:
+        """Set the raw parameters so that ``table()`` returns these coefficients (groups may be a subset)."""
+        inverse = TRANSFORMS[self.transform][1]
+        for name, values in table.items():
+            key = name.replace(".", "/")
+            if key not in self.raw:
+                raise AdamergeError(f"coefficients for unknown group {name!r}")
+            target = self.raw[key]
+            target.copy_(inverse(values.to(target).expand_as(target)))
+
+
+def _singleton_view(coef: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
+    """View ``(K, n)`` as ``(K, 1, .., n at axis, .., 1)`` over a tensor with ``ndim`` dims."""
+    shape = [coef.shape[0]] + [1] * ndim
+    if axis is not None:
+        shape[axis + 1] = coef.shape[1]
+    return coef.reshape(shape)
+
+
+class Task(Granularity):
+    """One coefficient per expert for the whole model (AdaMerging task-wise, arXiv 2310.02575)."""
+
+    def group(self, info: TensorInfo) -> str:
+        return "task"
+
+    def count(self, info: TensorInfo) -> int:
+        return 1
+
+    def expand(self, coef: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+        return _singleton_view(coef, len(info.shape), None)
+
+
+class RowChunks(Granularity):
+    """Coefficients over contiguous row blocks of each tensor (dim 0, as ``torch.tensor_split`` splits)."""
+
+    def expand(self, coef: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+        n, ndim = coef.shape[1], len(info.shape)
+        if n == 1:
+            return _singleton_view(coef, ndim, None)
+        rows = info.shape[0]
+        sizes = torch.tensor([rows // n + (i < rows % n) for i in range(n)], device=coef.device)
+        per_row = coef.repeat_interleave(sizes, dim=1, output_size=rows)
+        return _singleton_view(per_row, ndim, 0)
+
+
+class Layer(RowChunks):
+    """One coefficient per expert per parameter tensor (AdaMerging layer-wise, arXiv 2310.02575)."""
+
+    def count(self, info: TensorInfo) -> int:
+        return 1
+
+
+class Block(RowChunks):
+    """aTLAS (arXiv 2407.02880): one coefficient per tensor block, optionally split into P row partitions.
+
+    Tensors with fewer rows than P get one partition per row.
+    """
+
+    def __init__(self, partitions: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if partitions < 1:
+            raise AdamergeError(f"granularity.partitions={partitions} must be >= 1")
+        self.partitions = partitions
+
+    def count(self, info: TensorInfo) -> int:
+        return min(self.partitions, max(info.shape[0], 1) if info.shape else 1)
+
+
+class Chunk(RowChunks):
+    """Expert Merging (arXiv 2509.25712): n_p contiguous row chunks per tensor.
+
+    Args:
+        chunks: glob over tensor names -> number of chunks (first match wins; default 1).
+        counts: exact per-tensor counts (Expert Merging++'s allocation); they take precedence.
+    """
+
+    def __init__(self, chunks: Mapping[str, int] | None = None, counts: Mapping[str, int] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.chunks = dict(chunks or {})
+        self.counts = dict(counts or {})
+
+    def count(self, info: TensorInfo) -> int:
+        n = self.counts.get(info.name)
+        if n is None:
+            n = next((v for pattern, v in self.chunks.items() if fnmatch.fnmatchcase(info.name, pattern)), 1)
+        rows = info.shape[0] if info.shape else 1
+        if not 1 <= n <= rows:
+            raise AdamergeError(f"granularity.chunks: {n} chunks for {info.name!r}, which has {rows} rows")
+        return n
+
+
+class Column(Granularity):
+    """DAM (arXiv 2410.08371): one coefficient per input feature of a matrix (per hidden dim of an
+    embedding or norm), one scalar per bias. The feature axis comes from ``TensorInfo.feature_dim``,
+    which knows GPT-2's ``Conv1D`` stores (in, out)."""
+
+    def count(self, info: TensorInfo) -> int:
+        return 1 if info.feature_dim is None else info.shape[info.feature_dim]
+
+    def expand(self, coef: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+        return _singleton_view(coef, len(info.shape), info.feature_dim)
+
+
+GRANULARITIES: dict[str, type[Granularity]] = {
+    "task": Task,
+    "layer": Layer,
+    "block": Block,
+    "chunk": Chunk,
+    "column": Column,
+}

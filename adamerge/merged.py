@@ -1,0 +1,94 @@
+"""MergedModel: the base architecture run with merged weights computed from trainable coefficients.
+
+Like peft's tuners it wraps a frozen model and can always hand back a plain one (``fold``). Each
+merged tensor is built once per forward as one fused reduction over the K experts (a GEMV when
+the granularity gives one scalar per expert), so autograd reads each task vector once more in
+backward to produce the coefficient gradient, and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from adamerge.errors import AdamergeError
+from adamerge.granularity import Granularity
+from adamerge.taskvectors import TaskVectors
+
+
+def merge_tensor(w0: torch.Tensor, stack: torch.Tensor, coef: torch.Tensor, space: str = "task_vectors"):
+    """``W0 + sum_k c_k * tau_k`` (task-vector space) or ``sum_k c_k * (W0 + tau_k)`` (weight space).
+
+    ``stack`` is ``(K, *w0.shape)``; ``coef`` broadcasts against it. One scalar per expert takes the
+    GEMV path, which never materializes a ``(K, *shape)`` temporary.
+    """
+    k = stack.shape[0]
+    if coef.numel() == k:
+        delta = (coef.reshape(1, k).to(stack.dtype) @ stack.reshape(k, -1)).reshape(w0.shape)
+    else:
+        delta = (coef.to(stack.dtype) * stack).sum(0)
+    if space == "weights":
+        return w0 * coef.sum(0).to(w0.dtype) + delta.to(w0.dtype)
+    return w0 + delta.to(w0.dtype)
+
+
+class MergedModel(nn.Module):
+    """Frozen base + stacked task vectors + a granularity's coefficients; ``forward`` is the base's.
+
+    Args:
+        base: the base model; its parameters are W0 and stay frozen.
+        task_vectors: the stacks, one per merged tensor (names as in ``base.named_parameters()``).
+        granularity: owns the coefficients; ``setup`` is called here for these experts and tensors.
+    """
+
+    def __init__(self, base: nn.Module, task_vectors: TaskVectors, granularity: Granularity) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.experts = list(task_vectors.experts)
+        self.names = list(task_vectors.stacks)
+        self.granularity = granularity
+        granularity.setup(self.experts, [task_vectors.infos[n] for n in self.names])
+        self.task_vectors = nn.Module()  # a namespace so that .to(device) moves the stacks
+        for name, stack in task_vectors.stacks.items():
+            self.task_vectors.register_buffer(name.replace(".", "/"), stack, persistent=False)
+        self._expert: int | None = None
+
+    def stack(self, name: str) -> torch.Tensor:
+        return getattr(self.task_vectors, name.replace(".", "/"))
+
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """Merged value of every merged tensor (exactly expert k's in teacher mode)."""
+        w0 = dict(self.base.named_parameters())
+        if self._expert is not None:
+            return {n: w0[n] + self.stack(n)[self._expert].to(w0[n].dtype) for n in self.names}
+        g = self.granularity
+        return {n: merge_tensor(w0[n], self.stack(n), g.broadcast(n), g.space) for n in self.names}
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.base, self.merged_weights(), args, kwargs, tie_weights=True, strict=False)
+
+    @contextmanager
+    def as_expert(self, expert: int | str) -> Iterator[MergedModel]:
+        """Teacher mode: run as expert k exactly (W0 + tau_k), without loading it again."""
+        k = self.experts.index(expert) if isinstance(expert, str) else expert
+        if not 0 <= k < len(self.experts):
+            raise AdamergeError(f"no expert {expert!r}; the pool has {self.experts}")
+        previous, self._expert = self._expert, k
+        try:
+            yield self
+        finally:
+            self._expert = previous
+
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        """A plain copy of the base class holding the merged weights (tied weights stay tied)."""
+        folded = copy.deepcopy(self.base)
+        params = dict(folded.named_parameters())
+        for name, value in self.merged_weights().items():
+            params[name].copy_(value)
+        return folded

@@ -1,0 +1,1 @@
+"""Objectives: what the merge coefficients are optimized for, one small module each."""

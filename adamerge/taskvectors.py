@@ -1,0 +1,133 @@
+"""Stacked task vectors ``tau[k] = W_k - W0`` and the classic preprocessing transforms on them.
+
+Each transform is a pure function on one stack of shape ``(K, *shape)`` and treats every expert's
+slice separately (per tensor, as peft and mergekit do), so they compose and stream per tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from adamerge.errors import AdamergeError
+from adamerge.pool import TensorInfo
+
+
+@dataclass
+class TaskVectors:
+    """``stacks[name]`` has shape ``(K, *param.shape)``; row k belongs to ``experts[k]``."""
+
+    experts: list[str]
+    infos: dict[str, TensorInfo]
+    stacks: dict[str, torch.Tensor]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TaskVectors:
+        """Apply a stack -> stack function to every tensor (e.g. ``partial(ties, density=0.2)``)."""
+        return replace(self, stacks={n: fn(s) for n, s in self.stacks.items()})
+
+    def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> TaskVectors:
+        return replace(self, stacks={n: s.to(dtype=dtype, device=device) for n, s in self.stacks.items()})
+
+    def norms(self) -> torch.Tensor:
+        """Frobenius norm of each expert's whole task vector, shape ``(K,)``."""
+        sq = sum(s.float().flatten(1).pow(2).sum(1) for s in self.stacks.values())
+        return sq.sqrt()
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise AdamergeError(f"{name}={value} must be within [0, 1]")
+
+
+def magnitude_ranks(stack: torch.Tensor) -> torch.Tensor:
+    """Rank of |tau| within each expert's slice, scaled to [0, 1] (0 = smallest)."""
+    flat = stack.flatten(1).abs()
+    ranks = flat.argsort(dim=1).argsort(dim=1).to(torch.float32)
+    return (ranks / max(flat.shape[1] - 1, 1)).view_as(stack)
+
+
+def keep_top(stack: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the ``density`` fraction of largest-magnitude entries of each expert's slice."""
+    _check_fraction("density", density)
+    return torch.where(magnitude_ranks(stack) >= 1.0 - density, stack, torch.zeros_like(stack))
+
+
+def ties(stack: torch.Tensor, density: float = 0.2, disjoint_mean: bool = False) -> torch.Tensor:
+    """TIES-Merging (arXiv 2306.01708, Sec. 3): trim, elect sign, keep entries that agree.
+
+    The elected sign of an entry is the sign of the sum of the trimmed values. With
+    ``disjoint_mean`` every kept entry is divided by the number of experts that kept it, so the sum
+    over experts is the paper's disjoint mean; without it the stack feeds learned coefficients
+    directly (AdaMerging++, arXiv 2310.02575).
+    """
+    trimmed = keep_top(stack, density)
+    elected = torch.sign(trimmed.sum(0, keepdim=True))
+    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    kept = torch.where(agree, trimmed, torch.zeros_like(trimmed))
+    if disjoint_mean:
+        kept = kept / agree.sum(0, keepdim=True).clamp(min=1).to(kept.dtype)
+    return kept
+
+
+def dare(stack: torch.Tensor, p: float = 0.9, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DARE (arXiv 2311.03099, Sec. 4.1): drop each entry with probability p, rescale the rest by 1/(1-p)."""
+    _check_fraction("p", p)
+    if p == 1.0:
+        return torch.zeros_like(stack)
+    keep = torch.rand(stack.shape, generator=generator).to(stack.device) >= p
+    return torch.where(keep, stack / (1.0 - p), torch.zeros_like(stack))
+
+
+def della(
+    stack: torch.Tensor, density: float = 0.3, epsilon: float = 0.1, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """DELLA's MagPrune (arXiv 2406.11617, Sec. 3.1): larger entries are kept with higher probability.
+
+    Keep probabilities rise linearly with the magnitude rank from ``density - epsilon`` to
+    ``density + epsilon``; each kept entry is rescaled by ``1 / p_keep`` so the expectation is unchanged.
+    """
+    _check_fraction("density", density)
+    if not (0.0 < density - epsilon and density + epsilon <= 1.0):
+        raise AdamergeError(f"della needs 0 < density - epsilon and density + epsilon <= 1, got {density}, {epsilon}")
+    p_keep = density - epsilon + 2 * epsilon * magnitude_ranks(stack)
+    keep = torch.rand(stack.shape, generator=generator).to(stack.device) < p_keep
+    return torch.where(keep, stack / p_keep.to(stack.dtype), torch.zeros_like(stack))
+
+
+def breadcrumbs(stack: torch.Tensor, density: float = 0.9, gamma: float = 0.01) -> torch.Tensor:
+    """Model Breadcrumbs (arXiv 2312.06795, Sec. 3): drop both tails of the magnitude distribution.
+
+    The ``gamma`` fraction of largest entries (outliers) and everything below the next ``density``
+    fraction are zeroed, per expert slice.
+    """
+    _check_fraction("density", density)
+    _check_fraction("gamma", gamma)
+    ranks = magnitude_ranks(stack)
+    keep = (ranks <= 1.0 - gamma) & (ranks > 1.0 - gamma - density)
+    return torch.where(keep, stack, torch.zeros_like(stack))
+
+
+PREPROCESSORS: dict[str, Callable[..., torch.Tensor]] = {
+    "ties": ties,
+    "dare": dare,
+    "della": della,
+    "breadcrumbs": breadcrumbs,
+}
+
+
+def preprocess(tv: TaskVectors, method: str | None, seed: int = 0, **kwargs) -> TaskVectors:
+    """Apply a named preprocessor with its options; random ones draw from one seeded generator."""
+    if method in (None, "none"):
+        return tv
+    if method not in PREPROCESSORS:
+        raise AdamergeError(f"unknown task-vector preprocessing {method!r}; choose from {sorted(PREPROCESSORS)}")
+    fn = PREPROCESSORS[method]
+    if method in ("dare", "della"):
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
+    return tv.map(lambda s: fn(s, **kwargs))
