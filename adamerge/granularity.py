@@ -34,7 +34,8 @@ TRANSFORMS: dict[str, Transform] = {
     "softmax": (lambda x: torch.softmax(x, dim=0), torch.log),
 }
 # open/closed interval of init values each transform can represent
-INIT_RANGE = {"clamp": (0.0, 1.0, True), "sigmoid": (0.0, 1.0, False), "tanh": (0.0, 1.0, False)}
+# (tanh is open at both ends but reaches 0: negative inits are refused before this range is checked)
+INIT_RANGE = {"clamp": (0.0, 1.0, True), "sigmoid": (0.0, 1.0, False), "tanh": (-1.0, 1.0, False)}
 SPACES = ("task_vectors", "weights")
 
 
@@ -114,10 +115,14 @@ class Granularity(nn.Module):
         """Coefficients for tensor ``name``, broadcastable against its ``(K, *shape)`` stack."""
         return self.expand(self.coefficients(name), self.infos[name])
 
+    def groups(self) -> dict[str, torch.Tensor]:
+        """Transformed ``(K, n)`` coefficients of every group, with grad (for regularizers)."""
+        fwd = TRANSFORMS[self.transform][0]
+        return {key.replace("/", "."): fwd(p) for key, p in self.raw.items()}
+
     def table(self) -> dict[str, torch.Tensor]:
         """Transformed coefficients per group (detached, fp32): what is saved and plotted."""
-        fwd = TRANSFORMS[self.transform][0]
-        return {key.replace("/", "."): fwd(p.detach()).float() for key, p in self.raw.items()}
+        return {name: c.detach().float() for name, c in self.groups().items()}
 
     @torch.no_grad()
     def load_table(self, table: Mapping[str, torch.Tensor]) -> None:

@@ -1,1 +1,16 @@
 """Objectives: what the merge coefficients are optimized for, one small module each."""
+
+from adamerge.objectives.align import Align
+from adamerge.objectives.base import Objective
+from adamerge.objectives.ce import CrossEntropy
+from adamerge.objectives.dam import Dam
+from adamerge.objectives.entropy import Entropy
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "entropy": Entropy,
+    "align": Align,
+    "dam": Dam,
+    "ce": CrossEntropy,
+}
+
+__all__ = ["OBJECTIVES", "Align", "CrossEntropy", "Dam", "Entropy", "Objective"]

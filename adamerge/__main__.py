@@ -1,0 +1,81 @@
+"""Hydra entry point: ``python -m adamerge +experiment=quickstart`` or bring-your-own models.
+
+A single run that fails on bad input prints one line on stderr and exits with status 2. In a
+multirun sweep a failed job is recorded (``result.json``) and the sweep goes on; the summary
+marks it failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from adamerge.errors import AdamergeError
+
+log = logging.getLogger("adamerge")
+
+
+def execute(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run a comparison table (``compare.methods``) or one merge; return the job's summary."""
+    if cfg.get("compare"):
+        from adamerge.compare import compare
+
+        return {"table": compare(cfg, run_dir)}
+    from adamerge.run import run
+
+    result = run(cfg, run_dir)
+    return {"metrics": result.metrics, "fold_max_diff": result.fold_max_diff, "seconds": result.seconds,
+            "output_dir": str(result.output_dir) if result.output_dir else None}
+
+
+@hydra.main(version_base=None, config_path="pkg://adamerge.conf", config_name="config")
+def hydra_main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    try:
+        summary = {"status": "ok", "overrides": overrides, **execute(cfg, run_dir)}
+    except Exception as e:  # recorded for the sweep summary, then reported
+        summary = {"status": "failed", "overrides": overrides, "error": f"{type(e).__name__}: {e}"}
+        (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            log.error("job failed: %s", summary["error"])
+            return
+        if isinstance(e, AdamergeError):
+            print(f"adamerge: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
+# Mappings whose keys are the user's own names (tasks, globs): ``pool.experts.NAME=X`` may add a key.
+OPEN_MAPPINGS = ("pool.experts.", "data.paths.", "eval.tests.", "objective.task_weights.", "granularity.chunks.",
+                 "granularity.init.")
+
+
+def open_mapping_overrides(argv: list[str]) -> list[str]:
+    """Turn ``pool.experts.NAME=X`` into Hydra's add-or-override ``++pool.experts.NAME=X``.
+
+    Everywhere else Hydra's struct mode stays strict, so a misspelled key is still an error.
+    """
+    return [f"++{a}" if a.startswith(OPEN_MAPPINGS) and "=" in a else a for a in argv]
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "fold":
+        from adamerge.fold import main as fold_main
+
+        sys.exit(fold_main(sys.argv[2:]))
+    sys.argv = [sys.argv[0], *open_mapping_overrides(sys.argv[1:])]
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Calibration and labeled data per task: JSONL files or Hugging Face ``datasets``, tokenized with the base's tokenizer.
+
+Files are read as data only (``json.loads``); nothing in them is evaluated. Every batch carries the
+example indices so that objectives can look up cached teacher outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset
+
+from adamerge.errors import AdamergeError
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file: one JSON object per non-empty line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise AdamergeError(f"data file {str(path)!r} does not exist")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise AdamergeError(f"{path}:{i} is not valid JSON: {e.msg}") from e
+    return rows
+
+
+def load_hf_dataset(source: str, split: str = "train", trust_remote_code: bool = False) -> list[dict]:
+    """A local ``datasets`` directory (``save_to_disk``) or a hub id with a split."""
+    import datasets
+
+    path = Path(source).expanduser()
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    else:
+        try:
+            ds = datasets.load_dataset(source, split=split, trust_remote_code=trust_remote_code)
+        except Exception as e:  # datasets raises many types for a missing/offline source
+            raise AdamergeError(f"cannot load dataset {source!r} (split {split!r}): {str(e).splitlines()[0]}") from e
+    return [dict(row) for row in ds]
+
+
+def load_task_examples(source: str | Mapping, fields: Sequence[str], task: str, limit: int | None = None) -> list[dict]:
+    """Examples of one task from a JSONL path or ``{dataset, split}``, checked to hold ``fields``."""
+    if isinstance(source, Mapping):
+        rows = load_hf_dataset(source["dataset"], source.get("split", "train"))
+        rename = source.get("columns", {})
+        rows = [{rename.get(k, k): v for k, v in r.items()} for r in rows]
+    else:
+        rows = load_jsonl(source)
+    if not rows:
+        raise AdamergeError(f"data for task {task!r} is empty")
+    missing = [f for f in fields if f not in rows[0]]
+    if missing:
+        raise AdamergeError(f"data for task {task!r} has no field {missing[0]!r} (it has {sorted(rows[0])})")
+    return rows[:limit] if limit else rows
+
+
+class Examples(Dataset):
+    def __init__(self, rows: Sequence[dict]) -> None:
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, dict]:
+        return i, self.rows[i]
+
+
+def left_pad(seqs: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D sequences right-aligned (left padding), so position -1 is every row's last token."""
+    length = max(len(s) for s in seqs)
+    device = seqs[0].device
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, length - len(s) :] = s
+        mask[i, length - len(s) :] = 1
+    return ids, mask
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token (left padding)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class Collator:
+    """Tokenize a list of ``(index, row)``: causal LMs are left-padded with explicit position ids.
+
+    With ``answer_field`` set (supervised data) a causal LM sees prompt + answer + eos and
+    ``labels`` mask the prompt and padding with -100; a classifier gets ``labels`` from ``label_field``.
+    """
+
+    tokenizer: object
+    field: str = "prompt"
+    causal: bool = True
+    max_length: int = 512
+    answer_field: str | None = None
+    label_field: str | None = None
+    add_special_tokens: bool = True
+
+    def encode(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"][: self.max_length]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def __call__(self, items: Sequence[tuple[int, dict]]) -> dict[str, torch.Tensor]:
+        index = torch.tensor([i for i, _ in items])
+        rows = [r for _, r in items]
+        if not self.causal:
+            enc = self.tokenizer([r[self.field] for r in rows], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "index": index}
+            if self.label_field:
+                batch["labels"] = torch.tensor([int(r[self.label_field]) for r in rows])
+            return batch
+        prompts = [self.encode(r[self.field]) for r in rows]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if not self.answer_field:
+            ids, mask = left_pad(prompts, pad)
+            return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask), "index": index}
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        answers = [torch.tensor(self.tokenizer(r[self.answer_field], add_special_tokens=False)["input_ids"] + eos)
+                   for r in rows]
+        ids, mask = left_pad([torch.cat([p, a]) for p, a in zip(prompts, answers, strict=True)], pad)
+        labels = torch.full_like(ids, -100)
+        for i, a in enumerate(answers):
+            labels[i, ids.shape[1] - len(a) :] = a
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
+                "labels": labels, "index": index}
+
+
+class TaskDataModule(pl.LightningDataModule):
+    """Serves one loader per task; a training step receives ``{task: batch}`` with every task in it.
+
+    Lightning's ``CombinedLoader`` in ``max_size_cycle`` mode cycles the shorter tasks, as
+    AdaMerging's loop does, and handles distributed samplers under DDP.
+    """
+
+    def __init__(self, tasks: Mapping[str, Sequence[dict]], collator: Collator, batch_size: int = 8,
+                 shuffle: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        if not tasks:
+            raise AdamergeError("no calibration data: set data.paths.TASK=FILE for each expert")
+        self.datasets = {name: Examples(rows) for name, rows in tasks.items()}
+        self.collator, self.batch_size, self.shuffle, self.seed = collator, batch_size, shuffle, seed
+
+    def loader(self, task: str, shuffle: bool | None = None) -> DataLoader:
+        shuffle = self.shuffle if shuffle is None else shuffle
+        generator = torch.Generator().manual_seed(self.seed + sum(map(ord, task)))
+        return DataLoader(self.datasets[task], batch_size=self.batch_size, shuffle=shuffle,
+                          collate_fn=self.collator, generator=generator)
+
+    def train_dataloader(self) -> CombinedLoader:
+        return CombinedLoader({t: self.loader(t) for t in self.datasets}, mode="max_size_cycle")

@@ -1,0 +1,127 @@
+"""Expert Merging's objective (arXiv 2509.25712, Sec. 3): align the merged model with expert k on task k.
+
+For a batch of task k the teacher is expert k alone. Loss =
+``alpha_k * [T^2 * KL(teacher/T || merged/T) + w_h * mean_l MSE(h_l merged, h_l teacher)]
++ gamma * mean |c - init|``. Teachers are the merged model in teacher mode (``as_expert``),
+run once before training; their top-k logits and chosen hidden states are cached per example,
+so no expert model is ever held in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from adamerge.objectives.base import (
+    Objective,
+    is_causal_batch,
+    masked_mean,
+    model_inputs,
+    pack_rows,
+    scored_logits,
+)
+
+
+@dataclass
+class TeacherRow:
+    ids: torch.Tensor | None  # tokens run for this example (causal LMs; None: use the batch as is)
+    top_values: torch.Tensor  # (n, k) teacher logits at the n scored positions
+    top_indices: torch.Tensor  # (n, k) their vocabulary / class ids
+    hidden: torch.Tensor | None  # (layers, n, H) teacher hidden states at the scored positions
+
+
+def right_aligned(tensors: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Stack ``(n_i, ...)`` tensors into ``(B, length, ...)``, each placed at the end (zeros before)."""
+    out = tensors[0].new_zeros((len(tensors), length, *tensors[0].shape[1:]))
+    for i, t in enumerate(tensors):
+        out[i, length - len(t) :] = t
+    return out
+
+
+def hidden_at(hidden_states: Sequence[torch.Tensor], layers: Sequence[int], p: int, causal: bool) -> torch.Tensor:
+    """``(B, layers, P, H)``: the last P positions (causal) or the first token (encoders' [CLS])."""
+    picked = [hidden_states[i][:, -p:] if causal else hidden_states[i][:, :1] for i in layers]
+    return torch.stack(picked, 1)
+
+
+def topk_kl(top_values: torch.Tensor, top_indices: torch.Tensor, student_logits: torch.Tensor, t: float):
+    """KL(teacher || student) per position, with the teacher renormalized over its cached top-k."""
+    p_teacher = torch.softmax(top_values.float() / t, -1)
+    log_student = torch.log_softmax(student_logits.float() / t, -1).gather(-1, top_indices)
+    return (p_teacher * (torch.log(p_teacher.clamp(min=1e-30)) - log_student)).sum(-1)
+
+
+class Align(Objective):
+    """Args: temperature T, hidden_weight w_h, hidden_layers (hidden_states indices; default the
+    middle layer), coef_reg gamma, top_k teacher logits kept (None: all)."""
+
+    def __init__(self, temperature: float = 1.0, hidden_weight: float = 1.0, hidden_layers: Sequence[int] | None = None,
+                 coef_reg: float = 1.0, top_k: int | None = 64, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.temperature, self.hidden_weight, self.coef_reg, self.top_k = temperature, hidden_weight, coef_reg, top_k
+        self.hidden_layers = list(hidden_layers) if hidden_layers is not None else None
+        self.cache: dict[str, list[TeacherRow]] = {}
+
+    def setup(self, merged, data, tokenizer=None) -> None:
+        super().setup(merged, data, tokenizer)
+        if self.hidden_layers is None:
+            self.hidden_layers = [merged.base.config.num_hidden_layers // 2]
+        self.init = merged.granularity.init_values(merged.experts)
+        for task in data.datasets:
+            self.cache[task] = self.teacher_rows(merged, task, data.loader(task, shuffle=False))
+
+    @torch.no_grad()
+    def teacher_rows(self, merged, task: str, loader) -> list[TeacherRow]:
+        rows: list[TeacherRow] = []
+        with merged.as_expert(task):
+            for batch in loader:
+                batch = {k: v.to(merged.base.device) for k, v in batch.items()}
+                inputs, scored, ids = self.student_inputs(merged, batch)
+                out = merged(**inputs, output_hidden_states=self.hidden_weight > 0)
+                p = scored.shape[1]
+                logits = scored_logits(out.logits, p)
+                k = min(self.top_k or logits.shape[-1], logits.shape[-1])
+                values, indices = logits.topk(k, -1)
+                hidden = hidden_at(out.hidden_states, self.hidden_layers, p, ids is not None) \
+                    if self.hidden_weight > 0 else None
+                for i, n in enumerate(scored.sum(1).tolist()):
+                    rows.append(TeacherRow(None if ids is None else ids[i], values[i, -n:], indices[i, -n:],
+                                           None if hidden is None else hidden[i, :, -n:]))
+        return rows
+
+    def student_inputs(self, model, batch):
+        """Inputs, scored mask and per-row token ids (None for classifiers) for a calibration batch."""
+        if not is_causal_batch(batch):
+            return model_inputs(batch), torch.ones(len(batch["input_ids"]), 1, dtype=torch.bool), None
+        rows, n_scored = self.scored_rows(model, batch)
+        inputs, scored = pack_rows(rows, n_scored, self.pad_id)
+        return inputs, scored, rows
+
+    def task_loss(self, merged, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        teacher = [self.cache[task][i] for i in batch["index"].tolist()]
+        causal = teacher[0].ids is not None
+        if causal:
+            inputs, scored = pack_rows([t.ids for t in teacher], [len(t.top_values) for t in teacher], self.pad_id)
+        else:
+            inputs, scored = model_inputs(batch), torch.ones(len(teacher), 1, dtype=torch.bool)
+        p = scored.shape[1]
+        out = merged(**inputs, output_hidden_states=self.hidden_weight > 0)
+        kl = topk_kl(right_aligned([t.top_values for t in teacher], p), right_aligned([t.top_indices for t in teacher], p),
+                     scored_logits(out.logits, p), self.temperature)
+        loss = self.temperature**2 * masked_mean(kl, scored.to(kl.device))
+        if self.hidden_weight > 0:
+            student = hidden_at(out.hidden_states, self.hidden_layers, p, causal)
+            target = right_aligned([t.hidden.transpose(0, 1) for t in teacher], p).transpose(1, 2)
+            mse = ((student.float() - target.float()) ** 2).mean(-1)  # (B, layers, P)
+            loss = loss + self.hidden_weight * masked_mean(mse, scored[:, None].expand_as(mse).to(mse.device))
+        return loss
+
+    def regularizer(self, merged) -> torch.Tensor | None:
+        """gamma * mean |c - init| over every coefficient: keeps the merge near its start (Sec. 3.3)."""
+        if not self.coef_reg:
+            return None
+        init = self.init.to(next(iter(merged.granularity.raw.values())).device)
+        devs = [(c - init[:, None]).abs().flatten() for c in merged.granularity.groups().values()]
+        return self.coef_reg * torch.cat(devs).mean()

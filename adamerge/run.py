@@ -1,0 +1,241 @@
+"""One merge run from a resolved config: pool -> task vectors -> merged model -> trainer -> fold -> save.
+
+``python -m adamerge`` (Hydra) and the Python API both end up in ``run``. Components are picked
+by name from registries, never by a ``_target_`` in user data, and constructed with the config
+group's keys as keyword arguments, so a misspelled key is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from adamerge.data import Collator, TaskDataModule, load_jsonl, load_task_examples
+from adamerge.errors import AdamergeError
+from adamerge.export import check_output_dir, save_folded
+from adamerge.granularity import GRANULARITIES, Granularity
+from adamerge.merged import MergedModel
+from adamerge.objectives import OBJECTIVES, Objective
+from adamerge.pool import ExpertPool
+from adamerge.taskvectors import TaskVectors, preprocess
+from adamerge.training import MergeModule
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def as_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+
+
+def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise AdamergeError(f"{key}={name!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def construct(registry: Mapping[str, type], group: str, cfg: Mapping) -> Any:
+    """Build ``registry[cfg.name](**rest)``; unknown names and keys become one clear error."""
+    options = dict(cfg)
+    name = options.pop("name", None)
+    if name not in registry:
+        raise AdamergeError(f"{group}={name!r} is unknown; choose from {sorted(registry)}")
+    try:
+        return registry[name](**options)
+    except TypeError as e:
+        raise AdamergeError(f"{group} {name!r}: {e}") from e
+
+
+def build_pool(cfg: Mapping) -> ExpertPool:
+    if not cfg.get("base"):
+        raise AdamergeError("pool.base is not set: pool.base=DIR_OR_HUB_ID")
+    names = list(cfg.get("experts") or {})
+    if len(set(names)) != len(names):
+        raise AdamergeError(f"duplicate expert names in pool.experts: {names}")
+    return ExpertPool(
+        cfg["base"], dict(cfg.get("experts") or {}), auto_class=cfg.get("auto_class", "AutoModelForCausalLM"),
+        include=cfg.get("include") or (), exclude=cfg.get("exclude") or (),
+        trust_remote_code=bool(cfg.get("trust_remote_code")), allow_pickle=bool(cfg.get("allow_pickle")),
+        dtype=parse_dtype(cfg.get("dtype"), "pool.dtype"),
+    )
+
+
+def build_task_vectors(pool: ExpertPool, cfg: Mapping, seed: int = 0) -> TaskVectors:
+    tv = pool.task_vectors(dtype=parse_dtype(cfg.get("tv_dtype"), "pool.tv_dtype"), device=cfg.get("device"))
+    return apply_preprocess(tv, cfg.get("preprocess") or {}, seed)
+
+
+def apply_preprocess(tv: TaskVectors, cfg: Mapping, seed: int = 0) -> TaskVectors:
+    """``pool.preprocess``: method plus the options that method takes (others are ignored)."""
+    import inspect
+
+    from adamerge.taskvectors import PREPROCESSORS
+
+    method = cfg.get("method", "none")
+    if method in (None, "none"):
+        return tv
+    if method not in PREPROCESSORS:
+        raise AdamergeError(f"pool.preprocess.method={method!r}; choose from none, {', '.join(PREPROCESSORS)}")
+    accepted = inspect.signature(PREPROCESSORS[method]).parameters
+    options = {k: v for k, v in cfg.items() if k in accepted and k not in ("stack", "generator")}
+    return preprocess(tv, method, seed=seed, **options)
+
+
+def build_tokenizer(pool: ExpertPool, trust_remote_code: bool = False):
+    if pool.base_source is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(pool.base_source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise AdamergeError(f"no tokenizer for the base {str(pool.base_source)!r}: {str(e).splitlines()[0]}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def is_causal(pool: ExpertPool) -> bool:
+    return "CausalLM" in pool.auto_class.__name__
+
+
+def build_datamodule(cfg: Mapping, experts: list[str], tokenizer, objective: Objective, causal: bool,
+                     seed: int) -> TaskDataModule | None:
+    if not objective.needs_data:
+        return None
+    labeled = getattr(objective, "needs_labels", False)
+    paths = cfg.get("paths") or {}
+    missing = [e for e in experts if e not in paths]
+    if missing:
+        raise AdamergeError(f"no calibration data for task(s) {missing}: set data.paths.TASK=FILE")
+    field_names = [cfg.get("field", "prompt")]
+    if labeled:
+        field_names.append(cfg.get("answer_field", "answer") if causal else cfg.get("label_field", "label"))
+    tasks = {e: load_task_examples(paths[e], field_names, e, cfg.get("limit")) for e in experts}
+    collator = Collator(tokenizer, field=cfg.get("field", "prompt"), causal=causal, max_length=cfg.get("max_length", 512),
+                        answer_field=cfg.get("answer_field", "answer") if labeled and causal else None,
+                        label_field=cfg.get("label_field", "label") if labeled and not causal else None)
+    return TaskDataModule(tasks, collator, batch_size=cfg.get("batch_size", 8), shuffle=cfg.get("shuffle", True),
+                          seed=seed)
+
+
+def build_logger(cfg: Mapping, save_dir: Path, config: Mapping):
+    name = (cfg or {}).get("name", "none")
+    if name == "none":
+        return False
+    if name == "csv":
+        return pl.loggers.CSVLogger(save_dir=str(save_dir), name="logs")
+    if name == "tensorboard":
+        return pl.loggers.TensorBoardLogger(save_dir=str(save_dir), name="logs")
+    if name == "wandb":
+        import os
+
+        mode = cfg.get("mode") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        logger = pl.loggers.WandbLogger(project=cfg.get("project", "adamerge"), entity=cfg.get("entity"),
+                                        save_dir=str(save_dir), offline=mode == "offline", config=dict(config))
+        return logger
+    raise AdamergeError(f"logger={name!r}; choose from csv, wandb, tensorboard, none")
+
+
+@dataclass
+class RunResult:
+    output_dir: Path | None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    coefficients: dict[str, torch.Tensor] = field(default_factory=dict)
+    fold_max_diff: float | None = None
+    seconds: float = 0.0
+
+
+def evaluate_model(model, tokenizer, cfg: Mapping, causal: bool) -> dict[str, float]:
+    from adamerge.evaluate import accuracy, evaluate_tasks
+
+    tests = {t: load_jsonl(p)[: cfg.get("limit") or None] for t, p in (cfg.get("tests") or {}).items()}
+    if not tests:
+        return {}
+    if causal:
+        return evaluate_tasks(model, tokenizer, tests, cfg.get("max_new_tokens", 16), cfg.get("batch_size", 64))
+    scores = {t: accuracy(model, tokenizer, rows, cfg.get("batch_size", 64)) for t, rows in tests.items()}
+    return {**scores, "avg": sum(scores.values()) / len(scores)}
+
+
+@torch.no_grad()
+def fold_difference(merged: MergedModel, folded, batch: Mapping[str, torch.Tensor]) -> float:
+    """Max |logits(folded) - logits(merged)| on one batch: the fold's self-check."""
+    from adamerge.objectives.base import model_inputs
+
+    inputs = {k: v.to(merged.base.device) for k, v in model_inputs(batch).items()}
+    return (folded(**inputs).logits.float() - merged(**inputs).logits.float()).abs().max().item()
+
+
+def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool | None = None,
+        task_vectors: TaskVectors | None = None) -> RunResult:
+    """Train (unless ``trainer.max_steps=0``), fold and write ``output_dir``; returns the metrics.
+
+    ``pool`` / ``task_vectors`` may be passed in to share them between runs (method comparisons).
+    """
+    start = time.perf_counter()
+    config = as_dict(cfg)
+    run_dir = Path(run_dir)
+    seed = int(config.get("seed", 0))
+    output_dir = config.get("output_dir")
+    if output_dir:
+        check_output_dir(output_dir, bool(config.get("overwrite")))
+    pl.seed_everything(seed, workers=True, verbose=False)
+    pool = pool or build_pool(config["pool"])
+    task_vectors = task_vectors or build_task_vectors(pool, config["pool"], seed)
+    tokenizer = build_tokenizer(pool, bool(config["pool"].get("trust_remote_code")))
+    causal = is_causal(pool)
+    granularity: Granularity = construct(GRANULARITIES, "granularity", config["granularity"])
+    objective: Objective = construct(OBJECTIVES, "objective", config["objective"])
+    merged = MergedModel(pool.base, task_vectors, granularity)
+    data = build_datamodule(config.get("data") or {}, merged.experts, tokenizer, objective, causal, seed)
+    eval_cfg = config.get("eval") or {}
+    metrics = {"before": evaluate_model(merged.fold(), tokenizer, eval_cfg, causal) if eval_cfg.get("tests") else {}}
+
+    trainer_cfg = dict(config.get("trainer") or {})
+    if int(trainer_cfg.get("max_steps", 0)) != 0:
+        objective.setup(merged, data, tokenizer)
+        module = MergeModule(merged, objective, config.get("optim"))
+        logger = build_logger(config.get("logger"), run_dir, config)
+        trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger, **trainer_cfg)
+        trainer.fit(module, datamodule=data, ckpt_path=config.get("resume"))
+        if logger and hasattr(logger, "experiment") and config["logger"].get("name") == "wandb":
+            from adamerge.plots import log_heatmap
+
+            log_heatmap(logger, merged)
+
+    folded = merged.fold()
+    metrics["after"] = evaluate_model(folded, tokenizer, eval_cfg, causal)
+    diff = fold_difference(merged, folded, next(iter(data.loader(merged.experts[0], shuffle=False)))) if data else None
+    result = RunResult(Path(output_dir) if output_dir else None, metrics, granularity.table(), diff)
+    result.seconds = time.perf_counter() - start
+    if diff is not None:
+        log.info("fold check: max |folded - merged| logits = %.3g", diff)
+    if output_dir:
+        details = {"granularity": config["granularity"].get("name"), "space": granularity.space,
+                   "transform": granularity.transform, "objective": config["objective"].get("name"),
+                   "steps": trainer_cfg.get("max_steps", 0), "fold max |diff| (logits)": diff}
+        save_folded(
+            folded, output_dir, base_source=pool.base_source,
+            experts={k: str(v) if not callable(v) else "in-memory" for k, v in pool.expert_sources.items()},
+            coefficients=result.coefficients,
+            coefficient_metadata={"experts": merged.experts, "granularity": config["granularity"],
+                                  "transform": granularity.transform, "space": granularity.space},
+            config=config, details=details, metrics={k: v for k, v in metrics.items() if v},
+            overwrite=bool(config.get("overwrite")), trust_remote_code=bool(config["pool"].get("trust_remote_code")),
+            extra_files=lambda tmp: (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2)),
+        )
+    return result

@@ -1,0 +1,89 @@
+"""The one training loop: a LightningModule whose only trainable tensors are merge coefficients.
+
+Everything a Lightning user expects (precision, accumulation, clipping, DDP, checkpoints and
+resume, progress bar, loggers) comes from the ``Trainer``; this module only computes the loss.
+Checkpoints hold the trainable tensors alone, never the frozen base or the task vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytorch_lightning as pl
+import torch
+
+from adamerge.errors import AdamergeError
+from adamerge.merged import MergedModel
+from adamerge.objectives.base import Objective
+
+
+class NonFiniteLoss(AdamergeError):
+    """The loss became NaN/Inf; the last finite coefficients are kept."""
+
+
+def build_optimizer(params, name: str = "adamw", lr: float = 1e-3, betas=(0.9, 0.999), weight_decay: float = 0.0,
+                    **_) -> torch.optim.Optimizer:
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if name not in optimizers:
+        raise AdamergeError(f"optim.name={name!r}; choose from {sorted(optimizers)}")
+    return optimizers[name](params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+def build_schedule(optimizer, schedule: str = "none", max_steps: int = 1, t_0: int = 10, eta_min: float = 0.0, **_):
+    if schedule == "none":
+        return None
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(max_steps, 1), eta_min=eta_min)
+    if schedule == "cosine_warm_restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=t_0, eta_min=eta_min)
+    raise AdamergeError(f"optim.schedule={schedule!r}; choose from none, cosine, cosine_warm_restarts")
+
+
+class MergeModule(pl.LightningModule):
+    """Args: the merged model, its objective and the optimizer settings (``optim`` config group)."""
+
+    def __init__(self, merged: MergedModel, objective: Objective, optim: Mapping | None = None) -> None:
+        super().__init__()
+        self.merged, self.objective = merged, objective
+        self.optim = dict(optim or {})
+        self.strict_loading = False  # checkpoints hold only the trainable tensors
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def training_step(self, batch: Mapping[str, Mapping[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for task, task_batch in batch.items():
+            loss = self.objective.task_loss(self.merged, task, task_batch)
+            total = total + self.objective.task_weights.get(task, 1.0) * loss
+            self.log(f"loss/{task}", loss, batch_size=len(task_batch["input_ids"]))
+        reg = self.objective.regularizer(self.merged)
+        if reg is not None:
+            total = total + reg
+            self.log("loss/regularizer", reg)
+        if not torch.isfinite(total):
+            raise NonFiniteLoss(f"the loss became {total.item()} at step {self.global_step}; "
+                                "the last finite coefficients are in the last checkpoint")
+        self.log("loss", total, prog_bar=True)
+        return total
+
+    def on_after_backward(self) -> None:
+        self.objective.after_backward(self.merged)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            coef = torch.cat([c.flatten(1) for c in self.merged.granularity.table().values()], 1)
+            for k, name in enumerate(self.merged.experts):
+                self.log(f"coef/{name}/mean", coef[k].mean())
+                self.log(f"coef/{name}/std", coef[k].std() if coef.shape[1] > 1 else torch.zeros(()))
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(list(self.trainable().values()), **self.optim)
+        schedule = build_schedule(optimizer, max_steps=self.trainer.max_steps, **self.optim)
+        if schedule is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
