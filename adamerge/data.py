@@ -163,3 +163,15 @@ class TaskDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         return CombinedLoader({t: self.loader(t) for t in self.datasets}, mode="max_size_cycle")
+
+
+class DataFree(pl.LightningDataModule):
+    """One placeholder batch per step for data-free objectives (DOGE): ``{"all": {"step": ...}}``."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps = max(steps, 1)
+
+    def train_dataloader(self) -> CombinedLoader:
+        steps = DataLoader(torch.arange(self.steps), batch_size=1, collate_fn=lambda xs: {"step": torch.stack(xs)})
+        return CombinedLoader({"all": steps}, mode="max_size_cycle")

@@ -61,6 +61,10 @@ class MergedModel(nn.Module):
     def stack(self, name: str) -> torch.Tensor:
         return getattr(self.task_vectors, name.replace(".", "/"))
 
+    def replace_stack(self, name: str, stack: torch.Tensor) -> None:
+        """Swap in adjusted task vectors (DOGE); the old tensor is not modified, it may be shared."""
+        self.task_vectors.register_buffer(name.replace(".", "/"), stack, persistent=False)
+
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """Merged value of every merged tensor (exactly expert k's in teacher mode)."""
         w0 = dict(self.base.named_parameters())
@@ -75,8 +79,8 @@ class MergedModel(nn.Module):
     @contextmanager
     def as_expert(self, expert: int | str) -> Iterator[MergedModel]:
         """Teacher mode: run as expert k exactly (W0 + tau_k), without loading it again."""
-        k = self.experts.index(expert) if isinstance(expert, str) else expert
-        if not 0 <= k < len(self.experts):
+        k = self.experts.index(expert) if expert in self.experts else expert
+        if not isinstance(k, int) or not 0 <= k < len(self.experts):
             raise AdamergeError(f"no expert {expert!r}; the pool has {self.experts}")
         previous, self._expert = self._expert, k
         try:

@@ -19,10 +19,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.data import Collator, TaskDataModule, load_jsonl, load_task_examples
+from adamerge.allocation import allocate_chunks, tensor_importance
+from adamerge.data import Collator, DataFree, TaskDataModule, load_jsonl, load_task_examples
 from adamerge.errors import AdamergeError
 from adamerge.export import check_output_dir, save_folded
-from adamerge.granularity import GRANULARITIES, Granularity
+from adamerge.granularity import GRANULARITIES, Layer
 from adamerge.merged import MergedModel
 from adamerge.objectives import OBJECTIVES, Objective
 from adamerge.pool import ExpertPool
@@ -125,7 +126,8 @@ def build_datamodule(cfg: Mapping, experts: list[str], tokenizer, objective: Obj
     if labeled:
         field_names.append(cfg.get("answer_field", "answer") if causal else cfg.get("label_field", "label"))
     tasks = {e: load_task_examples(paths[e], field_names, e, cfg.get("limit")) for e in experts}
-    collator = Collator(tokenizer, field=cfg.get("field", "prompt"), causal=causal, max_length=cfg.get("max_length", 512),
+    collator = Collator(tokenizer, field=cfg.get("field", "prompt"), causal=causal,
+                        max_length=cfg.get("max_length", 512),
                         answer_field=cfg.get("answer_field", "answer") if labeled and causal else None,
                         label_field=cfg.get("label_field", "label") if labeled and not causal else None)
     return TaskDataModule(tasks, collator, batch_size=cfg.get("batch_size", 8), shuffle=cfg.get("shuffle", True),
@@ -180,6 +182,58 @@ def fold_difference(merged: MergedModel, folded, batch: Mapping[str, torch.Tenso
     return (folded(**inputs).logits.float() - merged(**inputs).logits.float()).abs().max().item()
 
 
+def fit(merged: MergedModel, objective: Objective, data, tokenizer, config: Mapping, run_dir: Path, max_steps: int,
+        resume: str | None = None) -> None:
+    """One ``Trainer.fit`` of the coefficients (and the objective's extra tensors)."""
+    objective.setup(merged, data, tokenizer)
+    module = MergeModule(merged, objective, config.get("optim"))
+    logger = build_logger(config.get("logger"), run_dir, config)
+    trainer_cfg = {**(config.get("trainer") or {}), "max_steps": max_steps}
+    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger, **trainer_cfg)
+    trainer.fit(module, datamodule=data or DataFree(max_steps), ckpt_path=resume)
+    objective.finish(merged)
+    if logger and (config.get("logger") or {}).get("name") == "wandb":
+        from adamerge.plots import log_heatmap
+
+        log_heatmap(logger, merged)
+
+
+def chunk_allocation_stage(pool: ExpertPool, task_vectors: TaskVectors, gran_cfg: dict, objective: Objective, data,
+                           tokenizer, config: Mapping, run_dir: Path, steps: int):
+    """Expert Merging++ stage 1: train layer-wise, then allocate the chunk budget by importance."""
+    common = {k: gran_cfg[k] for k in ("init", "transform", "space") if k in gran_cfg}
+    stage1 = MergedModel(pool.base, task_vectors, Layer(**common))
+    fit(stage1, objective, data, tokenizer, config, run_dir / "stage1", steps)
+    table = stage1.granularity.table()
+    importance = tensor_importance(table, task_vectors.stacks)
+    rows = {n: (i.shape[0] if i.shape else 1) for n, i in task_vectors.infos.items()}
+    counts = allocate_chunks(importance, int(gran_cfg["budget"]), rows)
+    log.info("Expert Merging++ chunk allocation (budget %s): %s", gran_cfg["budget"], counts)
+    (run_dir / "chunk_allocation.json").write_text(json.dumps({"importance": importance, "counts": counts}, indent=2))
+    return counts, table
+
+
+def build_merged(pool: ExpertPool, task_vectors: TaskVectors, config: Mapping, objective: Objective, data, tokenizer,
+                 run_dir: Path, max_steps: int) -> tuple[MergedModel, int]:
+    """The MergedModel to train; with ``granularity.budget`` (chunk), after Expert Merging++'s stage 1.
+
+    Returns the model and the number of steps left for the main fit.
+    """
+    gran_cfg = dict(config["granularity"])
+    budget, stage1_steps = gran_cfg.pop("budget", None), gran_cfg.pop("stage1_steps", None)
+    if not budget:
+        return MergedModel(pool.base, task_vectors, construct(GRANULARITIES, "granularity", gran_cfg)), max_steps
+    if gran_cfg.get("name") != "chunk":
+        raise AdamergeError("granularity.budget (Expert Merging++ allocation) needs granularity=chunk")
+    steps1 = int(stage1_steps or max_steps // 2)
+    counts, table = chunk_allocation_stage(pool, task_vectors, {**gran_cfg, "budget": budget}, objective, data,
+                                           tokenizer, config, run_dir, steps1)
+    chunk = construct(GRANULARITIES, "granularity", {**gran_cfg, "counts": counts})
+    merged = MergedModel(pool.base, task_vectors, chunk)
+    chunk.load_table(table)
+    return merged, max_steps - steps1
+
+
 def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool | None = None,
         task_vectors: TaskVectors | None = None) -> RunResult:
     """Train (unless ``trainer.max_steps=0``), fold and write ``output_dir``; returns the metrics.
@@ -198,44 +252,44 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     task_vectors = task_vectors or build_task_vectors(pool, config["pool"], seed)
     tokenizer = build_tokenizer(pool, bool(config["pool"].get("trust_remote_code")))
     causal = is_causal(pool)
-    granularity: Granularity = construct(GRANULARITIES, "granularity", config["granularity"])
     objective: Objective = construct(OBJECTIVES, "objective", config["objective"])
-    merged = MergedModel(pool.base, task_vectors, granularity)
-    data = build_datamodule(config.get("data") or {}, merged.experts, tokenizer, objective, causal, seed)
+    data = build_datamodule(config.get("data") or {}, list(task_vectors.experts), tokenizer, objective, causal, seed)
+    max_steps = int((config.get("trainer") or {}).get("max_steps", 0))
+    merged, steps_left = build_merged(pool, task_vectors, config, objective, data, tokenizer, run_dir, max_steps)
     eval_cfg = config.get("eval") or {}
     metrics = {"before": evaluate_model(merged.fold(), tokenizer, eval_cfg, causal) if eval_cfg.get("tests") else {}}
-
-    trainer_cfg = dict(config.get("trainer") or {})
-    if int(trainer_cfg.get("max_steps", 0)) != 0:
-        objective.setup(merged, data, tokenizer)
-        module = MergeModule(merged, objective, config.get("optim"))
-        logger = build_logger(config.get("logger"), run_dir, config)
-        trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger, **trainer_cfg)
-        trainer.fit(module, datamodule=data, ckpt_path=config.get("resume"))
-        if logger and hasattr(logger, "experiment") and config["logger"].get("name") == "wandb":
-            from adamerge.plots import log_heatmap
-
-            log_heatmap(logger, merged)
+    if steps_left != 0:
+        fit(merged, objective, data, tokenizer, config, run_dir, steps_left, config.get("resume"))
 
     folded = merged.fold()
     metrics["after"] = evaluate_model(folded, tokenizer, eval_cfg, causal)
     diff = fold_difference(merged, folded, next(iter(data.loader(merged.experts[0], shuffle=False)))) if data else None
-    result = RunResult(Path(output_dir) if output_dir else None, metrics, granularity.table(), diff)
+    result = RunResult(Path(output_dir) if output_dir else None, metrics, merged.granularity.table(), diff)
     result.seconds = time.perf_counter() - start
     if diff is not None:
         log.info("fold check: max |folded - merged| logits = %.3g", diff)
     if output_dir:
-        details = {"granularity": config["granularity"].get("name"), "space": granularity.space,
-                   "transform": granularity.transform, "objective": config["objective"].get("name"),
-                   "steps": trainer_cfg.get("max_steps", 0), "fold max |diff| (logits)": diff}
-        save_folded(
-            folded, output_dir, base_source=pool.base_source,
-            experts={k: str(v) if not callable(v) else "in-memory" for k, v in pool.expert_sources.items()},
-            coefficients=result.coefficients,
-            coefficient_metadata={"experts": merged.experts, "granularity": config["granularity"],
-                                  "transform": granularity.transform, "space": granularity.space},
-            config=config, details=details, metrics={k: v for k, v in metrics.items() if v},
-            overwrite=bool(config.get("overwrite")), trust_remote_code=bool(config["pool"].get("trust_remote_code")),
-            extra_files=lambda tmp: (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2)),
-        )
+        write_output(folded, merged, pool, objective, config, result)
     return result
+
+
+def write_output(folded, merged: MergedModel, pool: ExpertPool, objective: Objective, config: Mapping,
+                 result: RunResult) -> None:
+    """The folded checkpoint with its coefficients, config, card and metrics.json (atomic)."""
+    granularity = merged.granularity
+    details = {"granularity": config["granularity"].get("name"), "space": granularity.space,
+               "transform": granularity.transform, "objective": config["objective"].get("name"),
+               "steps": (config.get("trainer") or {}).get("max_steps", 0),
+               "fold max |diff| (logits)": result.fold_max_diff}
+    coefficients = {**result.coefficients, **objective.saved_tensors()}
+    save_folded(
+        folded, result.output_dir, base_source=pool.base_source,
+        experts={k: "in-memory" if isinstance(v, torch.nn.Module) or callable(v) else str(v)
+                 for k, v in pool.expert_sources.items()},
+        coefficients=coefficients,
+        coefficient_metadata={"experts": merged.experts, "granularity": config["granularity"],
+                              "transform": granularity.transform, "space": granularity.space},
+        config=config, details=details, metrics={k: v for k, v in result.metrics.items() if v},
+        overwrite=bool(config.get("overwrite")), trust_remote_code=bool(config["pool"].get("trust_remote_code")),
+        extra_files=lambda tmp: (tmp / "metrics.json").write_text(json.dumps(result.metrics, indent=2)),
+    )

@@ -45,6 +45,7 @@ class MergeModule(pl.LightningModule):
     def __init__(self, merged: MergedModel, objective: Objective, optim: Mapping | None = None) -> None:
         super().__init__()
         self.merged, self.objective = merged, objective
+        self.extra = torch.nn.ParameterList(objective.extra_parameters())  # registered: optimized and checkpointed
         self.optim = dict(optim or {})
         self.strict_loading = False  # checkpoints hold only the trainable tensors
 
@@ -56,7 +57,7 @@ class MergeModule(pl.LightningModule):
         for task, task_batch in batch.items():
             loss = self.objective.task_loss(self.merged, task, task_batch)
             total = total + self.objective.task_weights.get(task, 1.0) * loss
-            self.log(f"loss/{task}", loss, batch_size=len(task_batch["input_ids"]))
+            self.log(f"loss/{task}", loss, batch_size=len(next(iter(task_batch.values()))))
         reg = self.objective.regularizer(self.merged)
         if reg is not None:
             total = total + reg

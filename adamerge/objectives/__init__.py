@@ -5,12 +5,14 @@ from adamerge.objectives.base import Objective
 from adamerge.objectives.ce import CrossEntropy
 from adamerge.objectives.dam import Dam
 from adamerge.objectives.entropy import Entropy
+from adamerge.objectives.projected import Projected
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "entropy": Entropy,
     "align": Align,
     "dam": Dam,
     "ce": CrossEntropy,
+    "projected": Projected,
 }
 
-__all__ = ["OBJECTIVES", "Align", "CrossEntropy", "Dam", "Entropy", "Objective"]
+__all__ = ["OBJECTIVES", "Align", "CrossEntropy", "Dam", "Entropy", "Objective", "Projected"]

@@ -108,8 +108,9 @@ class Align(Objective):
             inputs, scored = model_inputs(batch), torch.ones(len(teacher), 1, dtype=torch.bool)
         p = scored.shape[1]
         out = merged(**inputs, output_hidden_states=self.hidden_weight > 0)
-        kl = topk_kl(right_aligned([t.top_values for t in teacher], p), right_aligned([t.top_indices for t in teacher], p),
-                     scored_logits(out.logits, p), self.temperature)
+        values = right_aligned([t.top_values for t in teacher], p)
+        indices = right_aligned([t.top_indices for t in teacher], p)
+        kl = topk_kl(values, indices, scored_logits(out.logits, p), self.temperature)
         loss = self.temperature**2 * masked_mean(kl, scored.to(kl.device))
         if self.hidden_weight > 0:
             student = hidden_at(out.hidden_states, self.hidden_layers, p, causal)

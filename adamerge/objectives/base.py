@@ -58,6 +58,13 @@ class Objective:
     def after_backward(self, merged: nn.Module) -> None:
         """Hook between backward and the optimizer step (DOGE projects gradients here)."""
 
+    def finish(self, merged: nn.Module) -> None:
+        """Called after training, before the fold (DOGE writes its adjusted task vectors here)."""
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """Extra tensors stored beside the coefficients so that ``adamerge fold`` can redo the fold."""
+        return {}
+
     # ---- scoring helpers shared by the objectives ----------------------------------------------
 
     def scored_rows(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
