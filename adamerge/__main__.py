@@ -16,6 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from adamerge.errors import AdamergeError
 
@@ -42,6 +43,10 @@ def hydra_main(cfg: DictConfig) -> None:
     overrides = list(hydra_cfg.overrides.task)
     try:
         summary = {"status": "ok", "overrides": overrides, **execute(cfg, run_dir)}
+    except SIGTERMException:
+        print("adamerge: error: stopped by SIGTERM; resume with resume=RUN_DIR/checkpoints/interrupted.ckpt",
+              file=sys.stderr)
+        sys.exit(143)
     except Exception as e:  # recorded for the sweep summary, then reported
         summary = {"status": "failed", "overrides": overrides, "error": f"{type(e).__name__}: {e}"}
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -73,6 +78,9 @@ def main() -> None:
         from adamerge.fold import main as fold_main
 
         sys.exit(fold_main(sys.argv[2:]))
+    from adamerge.resolvers import register_resolvers
+
+    register_resolvers()
     sys.argv = [sys.argv[0], *open_mapping_overrides(sys.argv[1:])]
     hydra_main()
 

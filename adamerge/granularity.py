@@ -43,14 +43,15 @@ class Granularity(nn.Module):
     """Base class. Subclasses define ``count`` (coefficients per expert for a tensor) and ``expand``.
 
     Args:
-        init: initial coefficient, one float for all experts or a mapping expert -> float.
+        init: initial coefficient: one float for all experts, a mapping expert -> float, or
+            ``"uniform"`` (1/K each, the experts' simple average).
         transform: applied to the raw parameters before use (see ``TRANSFORMS``).
         space: ``task_vectors`` merges ``W0 + sum_k c_k tau_k``; ``weights`` merges
             ``sum_k c_k W_k`` (DAM's form), computed from the same stack.
     """
 
     def __init__(
-        self, init: float | Mapping[str, float] = 0.3, transform: str = "identity", space: str = "task_vectors"
+        self, init: float | str | Mapping[str, float] = 0.3, transform: str = "identity", space: str = "task_vectors"
     ) -> None:
         super().__init__()
         if transform not in TRANSFORMS:
@@ -91,7 +92,9 @@ class Granularity(nn.Module):
 
     def init_values(self, experts: Sequence[str]) -> torch.Tensor:
         """The ``(K,)`` initial coefficients, validated against the transform's range."""
-        if isinstance(self.init, Mapping):
+        if self.init == "uniform":  # 1/K each: the simple average of the experts
+            values = [1.0 / len(experts)] * len(experts)
+        elif isinstance(self.init, Mapping):
             missing = [e for e in experts if e not in self.init]
             if missing:
                 raise AdamergeError(f"granularity.init has no value for expert(s) {missing}")

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from adamerge.allocation import allocate_chunks, tensor_importance
+from adamerge.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
 from adamerge.data import Collator, DataFree, TaskDataModule, load_jsonl, load_task_examples
 from adamerge.errors import AdamergeError
 from adamerge.export import check_output_dir, save_folded
@@ -189,7 +190,12 @@ def fit(merged: MergedModel, objective: Objective, data, tokenizer, config: Mapp
     module = MergeModule(merged, objective, config.get("optim"))
     logger = build_logger(config.get("logger"), run_dir, config)
     trainer_cfg = {**(config.get("trainer") or {}), "max_steps": max_steps}
-    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger, **trainer_cfg)
+    callbacks, plugins = [], []
+    if trainer_cfg.get("enable_checkpointing", True):
+        every = int((config.get("checkpoint") or {}).get("every_n_steps", 50))
+        callbacks, plugins = checkpoint_callbacks(run_dir, every), [AtomicCheckpointIO()]
+    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=callbacks, plugins=plugins,
+                         **trainer_cfg)
     trainer.fit(module, datamodule=data or DataFree(max_steps), ckpt_path=resume)
     objective.finish(merged)
     if logger and (config.get("logger") or {}).get("name") == "wandb":

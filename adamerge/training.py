@@ -63,8 +63,8 @@ class MergeModule(pl.LightningModule):
             total = total + reg
             self.log("loss/regularizer", reg)
         if not torch.isfinite(total):
-            raise NonFiniteLoss(f"the loss became {total.item()} at step {self.global_step}; "
-                                "the last finite coefficients are in the last checkpoint")
+            raise NonFiniteLoss(f"the loss became {total.item()} at step {self.global_step}; the last finite "
+                                "coefficients are saved in checkpoints/interrupted.ckpt")
         self.log("loss", total, prog_bar=True)
         return total
 

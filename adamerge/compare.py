@@ -1,0 +1,102 @@
+"""Method comparisons: one results table (rows = methods, columns = tasks + average + time).
+
+``compare.methods`` lists methods as Hydra overrides on top of the job's own config; the pool and
+its task vectors are built once and shared by every method. The table also has the base and the
+experts (each on its own task), and is printed, and written as ``results.md`` / ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from adamerge.evaluate import normalized_accuracy
+from adamerge.granularity import Task
+from adamerge.merged import MergedModel
+from adamerge.run import (
+    apply_preprocess,
+    as_dict,
+    build_pool,
+    build_tokenizer,
+    evaluate_model,
+    is_causal,
+    parse_dtype,
+    run,
+)
+
+log = logging.getLogger(__name__)
+
+
+def compose_method(overrides: Sequence[str]) -> DictConfig:
+    """The job's config with a method's overrides applied by Hydra (group switches included)."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    job = [o for o in HydraConfig.get().overrides.task]
+    return compose(config_name="config", overrides=[*job, *overrides])
+
+
+def expert_scores(pool, task_vectors, tokenizer, eval_cfg: Mapping, causal: bool) -> dict[str, float]:
+    """Each expert on its own task (teacher mode of a merged model, so no expert is reloaded)."""
+    merged = MergedModel(pool.base, task_vectors, Task(init=0.0))
+    scores = {}
+    for task in merged.experts:
+        with merged.as_expert(task):
+            folded = merged.fold()
+        one_task = {**eval_cfg, "tests": {task: eval_cfg["tests"][task]}}
+        scores[task] = evaluate_model(folded, tokenizer, one_task, causal)[task]
+    return {**scores, "avg": sum(scores.values()) / len(scores)}
+
+
+def format_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str]) -> str:
+    columns = [*tasks, "avg", "norm. avg", "time (s)"]
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in rows.items():
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            cells.append("" if v is None else f"{v:.1f}" if c == "time (s)" else f"{100 * v:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def compare(cfg: DictConfig, run_dir: Path, compose=compose_method) -> dict[str, dict[str, float]]:
+    """Evaluate base, experts and every method of ``cfg.compare.methods``; return the table rows."""
+    config = as_dict(cfg)
+    eval_cfg = config["eval"]
+    pool = build_pool(config["pool"])
+    raw = pool.task_vectors(dtype=parse_dtype(config["pool"].get("tv_dtype"), "pool.tv_dtype"),
+                            device=config["pool"].get("device"))
+    tokenizer = build_tokenizer(pool, bool(config["pool"].get("trust_remote_code")))
+    causal = is_causal(pool)
+    tasks = list(raw.experts)
+
+    start = time.perf_counter()
+    rows = {"base": {**evaluate_model(pool.base, tokenizer, eval_cfg, causal), "time (s)": time.perf_counter() - start}}
+    start = time.perf_counter()
+    experts = expert_scores(pool, raw, tokenizer, eval_cfg, causal)
+    rows["experts (each on its task)"] = {**experts, "time (s)": time.perf_counter() - start}
+    for method in config["compare"]["methods"]:
+        method_cfg = as_dict(compose(method["overrides"]))
+        method_cfg["output_dir"] = None
+        tv = apply_preprocess(raw, method_cfg["pool"].get("preprocess") or {}, int(method_cfg.get("seed", 0)))
+        log.info("method %s: %s", method["name"], " ".join(method["overrides"]))
+        result = run(OmegaConf.create(method_cfg), run_dir / slug(method["name"]), pool, tv)
+        rows[method["name"]] = {**result.metrics["after"], "time (s)": result.seconds}
+    for row in rows.values():
+        row["norm. avg"] = normalized_accuracy({t: row[t] for t in tasks}, experts)["avg"]
+    table = format_table(rows, tasks)
+    print(table)
+    (run_dir / "results.md").write_text(table + "\n")
+    (run_dir / "results.json").write_text(json.dumps(rows, indent=2))
+    return rows

@@ -1,0 +1,67 @@
+"""``adamerge fold RUN_DIR --output OUT``: fold the coefficients saved by a run again, without training.
+
+Reads ``adamerge_config.yaml`` and ``adamerge_coefficients.safetensors`` from a folded checkpoint,
+rebuilds the pool and task vectors from the recorded sources, loads the coefficients as they were
+learned (transform already applied) and writes a new folded checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file
+
+from adamerge.errors import AdamergeError
+from adamerge.export import COEFFICIENTS_FILE, CONFIG_FILE
+from adamerge.granularity import GRANULARITIES
+from adamerge.merged import MergedModel
+from adamerge.objectives import OBJECTIVES
+from adamerge.run import RunResult, build_pool, build_task_vectors, construct, write_output
+
+
+def refold(source: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
+    source = Path(source)
+    if not (source / CONFIG_FILE).is_file() or not (source / COEFFICIENTS_FILE).is_file():
+        raise AdamergeError(f"{str(source)!r} has no {CONFIG_FILE} and {COEFFICIENTS_FILE}: not an adamerge output")
+    config = yaml.safe_load((source / CONFIG_FILE).read_text())
+    saved = load_file(str(source / COEFFICIENTS_FILE))
+    table = {k: v for k, v in saved.items() if not k.startswith("delta.")}
+    pool = build_pool(config["pool"])
+    task_vectors = build_task_vectors(pool, config["pool"], int(config.get("seed", 0)))
+    gran_cfg = {k: v for k, v in config["granularity"].items() if k not in ("budget", "stage1_steps")}
+    gran_cfg["transform"] = "identity"  # the saved coefficients are already transformed
+    if gran_cfg["name"] == "chunk":
+        gran_cfg["counts"] = {name: t.shape[1] for name, t in table.items()}
+    merged = MergedModel(pool.base, task_vectors, construct(GRANULARITIES, "granularity", gran_cfg))
+    objective = construct(OBJECTIVES, "objective", config["objective"])
+    if any(k.startswith("delta.") for k in saved):  # DOGE: rebuild the adjusted task vectors
+        objective.setup(merged, None)
+        for key, delta in objective.deltas.items():
+            delta.data.copy_(saved[f"delta.{key.replace('/', '.')}"])
+        objective.finish(merged)
+    merged.granularity.load_table(table)
+    config = {**config, "output_dir": str(output_dir), "overwrite": overwrite}
+    write_output(merged.fold(), merged, pool, objective, config,
+                 RunResult(Path(output_dir), {}, merged.granularity.table(), None))
+    return Path(output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adamerge fold", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="a folded checkpoint written by adamerge (holds the coefficients)")
+    parser.add_argument("--output", required=True, help="where to write the new folded checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    args = parser.parse_args(argv)
+    try:
+        print(refold(args.source, args.output, args.overwrite))
+    except AdamergeError as e:
+        print(f"adamerge: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
