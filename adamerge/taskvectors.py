@@ -45,17 +45,23 @@ def _check_fraction(name: str, value: float) -> None:
         raise AdamergeError(f"{name}={value} must be within [0, 1]")
 
 
+def integer_ranks(stack: torch.Tensor) -> torch.Tensor:
+    """Rank of |tau| within each expert's slice, 0 (smallest) .. n - 1, shape of ``stack``."""
+    flat = stack.flatten(1).abs()
+    return flat.argsort(dim=1, stable=True).argsort(dim=1).view_as(stack)
+
+
 def magnitude_ranks(stack: torch.Tensor) -> torch.Tensor:
     """Rank of |tau| within each expert's slice, scaled to [0, 1] (0 = smallest)."""
-    flat = stack.flatten(1).abs()
-    ranks = flat.argsort(dim=1).argsort(dim=1).to(torch.float32)
-    return (ranks / max(flat.shape[1] - 1, 1)).view_as(stack)
+    n = stack[0].numel() if stack.dim() else 1
+    return integer_ranks(stack).to(torch.float32) / max(n - 1, 1)
 
 
 def keep_top(stack: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the ``density`` fraction of largest-magnitude entries of each expert's slice."""
+    """Keep the ``round(density * n)`` largest-magnitude entries of each expert's slice, zero the rest."""
     _check_fraction("density", density)
-    return torch.where(magnitude_ranks(stack) >= 1.0 - density, stack, torch.zeros_like(stack))
+    n = stack[0].numel()
+    return torch.where(integer_ranks(stack) >= n - round(density * n), stack, torch.zeros_like(stack))
 
 
 def ties(stack: torch.Tensor, density: float = 0.2, disjoint_mean: bool = False) -> torch.Tensor:
@@ -93,7 +99,7 @@ def della(
     ``density + epsilon``; each kept entry is rescaled by ``1 / p_keep`` so the expectation is unchanged.
     """
     _check_fraction("density", density)
-    if not (0.0 < density - epsilon and density + epsilon <= 1.0):
+    if not (density - epsilon > 0.0 and density + epsilon <= 1.0):
         raise AdamergeError(f"della needs 0 < density - epsilon and density + epsilon <= 1, got {density}, {epsilon}")
     p_keep = density - epsilon + 2 * epsilon * magnitude_ranks(stack)
     keep = torch.rand(stack.shape, generator=generator).to(stack.device) < p_keep
@@ -108,8 +114,12 @@ def breadcrumbs(stack: torch.Tensor, density: float = 0.9, gamma: float = 0.01) 
     """
     _check_fraction("density", density)
     _check_fraction("gamma", gamma)
-    ranks = magnitude_ranks(stack)
-    keep = (ranks <= 1.0 - gamma) & (ranks > 1.0 - gamma - density)
+    if density + gamma > 1.0:
+        raise AdamergeError(f"breadcrumbs needs density + gamma <= 1, got {density} + {gamma}")
+    n = stack[0].numel()
+    top = n - round(gamma * n)  # ranks >= top are the outliers
+    ranks = integer_ranks(stack)
+    keep = (ranks < top) & (ranks >= top - round(density * n))
     return torch.where(keep, stack, torch.zeros_like(stack))
 
 

@@ -51,7 +51,8 @@ class Projected(Objective):
     def setup(self, merged, data, tokenizer=None) -> None:
         granularity = merged.granularity
         if granularity.transform != "identity":
-            raise AdamergeError("objective=projected sets lambda = rho/||tau|| itself: use granularity.transform=identity")
+            raise AdamergeError("objective=projected sets lambda = rho/||tau|| itself: "
+                                "use granularity.transform=identity")
         granularity.load_table(self.adaptive_lambdas(merged))
         granularity.requires_grad_(False)
         self.names = [n for n in merged.names if merged.stack(n).dim() == 3]
