@@ -24,6 +24,7 @@ from adamerge.run import (
     as_dict,
     build_pool,
     build_tokenizer,
+    evaluate_merged,
     evaluate_model,
     is_causal,
     parse_dtype,
@@ -42,16 +43,24 @@ def compose_method(overrides: Sequence[str]) -> DictConfig:
     return compose(config_name="config", overrides=[*job, *overrides])
 
 
-def expert_scores(pool, task_vectors, tokenizer, eval_cfg: Mapping, causal: bool) -> dict[str, float]:
-    """Each expert on its own task (teacher mode of a merged model, so no expert is reloaded)."""
+def base_and_expert_rows(pool, task_vectors, tokenizer, eval_cfg: Mapping, causal: bool) -> dict[str, dict]:
+    """The base (with each task's head, if any) and each expert on its own task, both through a
+    merged model (zero coefficients; teacher mode), so no model is loaded again."""
     merged = MergedModel(pool.base, task_vectors, Task(init=0.0))
-    scores = {}
-    for task in merged.experts:
+    start = time.perf_counter()
+    base = evaluate_merged(merged, tokenizer, eval_cfg, causal)
+    rows = {"base": {**base, "time (s)": time.perf_counter() - start}}
+
+    def expert_model(task: str):
         with merged.as_expert(task):
-            folded = merged.fold()
-        one_task = {**eval_cfg, "tests": {task: eval_cfg["tests"][task]}}
-        scores[task] = evaluate_model(folded, tokenizer, one_task, causal)[task]
-    return {**scores, "avg": sum(scores.values()) / len(scores)}
+            return merged.fold(task) if len(merged.heads) else merged.fold()
+
+    start = time.perf_counter()
+    experts = {t: evaluate_model(expert_model, tokenizer, {**eval_cfg, "tests": {t: eval_cfg["tests"][t]}}, causal)[t]
+               for t in merged.experts}
+    experts["avg"] = sum(experts.values()) / len(experts)
+    rows["experts (each on its task)"] = {**experts, "time (s)": time.perf_counter() - start}
+    return rows
 
 
 def format_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str]) -> str:
@@ -81,11 +90,8 @@ def compare(cfg: DictConfig, run_dir: Path, compose=compose_method) -> dict[str,
     causal = is_causal(pool)
     tasks = list(raw.experts)
 
-    start = time.perf_counter()
-    rows = {"base": {**evaluate_model(pool.base, tokenizer, eval_cfg, causal), "time (s)": time.perf_counter() - start}}
-    start = time.perf_counter()
-    experts = expert_scores(pool, raw, tokenizer, eval_cfg, causal)
-    rows["experts (each on its task)"] = {**experts, "time (s)": time.perf_counter() - start}
+    rows = base_and_expert_rows(pool, raw, tokenizer, eval_cfg, causal)
+    experts = rows["experts (each on its task)"]
     for method in config["compare"]["methods"]:
         method_cfg = as_dict(compose(method["overrides"]))
         method_cfg["output_dir"] = None

@@ -44,7 +44,7 @@ def refold(source: str | Path, output_dir: str | Path, overwrite: bool = False) 
         objective.finish(merged)
     merged.granularity.load_table(table)
     config = {**config, "output_dir": str(output_dir), "overwrite": overwrite}
-    write_output(merged.fold(), merged, pool, objective, config,
+    write_output(merged, pool, objective, config,
                  RunResult(Path(output_dir), {}, merged.granularity.table(), None))
     return Path(output_dir)
 

@@ -56,7 +56,14 @@ class MergedModel(nn.Module):
         self.task_vectors = nn.Module()  # a namespace so that .to(device) moves the stacks
         for name, stack in task_vectors.stacks.items():
             self.task_vectors.register_buffer(name.replace(".", "/"), stack, persistent=False)
-        self._expert: int | None = None
+        self.heads = nn.ModuleDict()  # expert -> its task head (frozen buffers), for classifiers
+        for expert, head in task_vectors.heads.items():
+            self.heads[expert.replace(".", "/")] = nn.Module()
+            for name, value in head.items():
+                self.heads[expert.replace(".", "/")].register_buffer(name.replace(".", "/"), value, persistent=False)
+        self.head_configs = dict(task_vectors.head_configs)
+        self._expert: int | None = None  # teacher mode: exactly this expert
+        self._task: int | None = None  # whose head answers (classifiers)
 
     def stack(self, name: str) -> torch.Tensor:
         return getattr(self.task_vectors, name.replace(".", "/"))
@@ -69,28 +76,62 @@ class MergedModel(nn.Module):
         """Merged value of every merged tensor (exactly expert k's in teacher mode)."""
         w0 = dict(self.base.named_parameters())
         if self._expert is not None:
-            return {n: w0[n] + self.stack(n)[self._expert].to(w0[n].dtype) for n in self.names}
-        g = self.granularity
-        return {n: merge_tensor(w0[n], self.stack(n), g.broadcast(n), g.space) for n in self.names}
+            weights = {n: w0[n] + self.stack(n)[self._expert].to(w0[n].dtype) for n in self.names}
+        else:
+            g = self.granularity
+            weights = {n: merge_tensor(w0[n], self.stack(n), g.broadcast(n), g.space) for n in self.names}
+        return {**weights, **self.head_weights()}
+
+    def head_weights(self) -> dict[str, torch.Tensor]:
+        """The current task's head (teacher mode: the expert's own); none without heads or task."""
+        task = self._expert if self._expert is not None else self._task
+        if not len(self.heads) or task is None:
+            return {}
+        head = self.heads[self.experts[task].replace(".", "/")]
+        return {name.replace("/", "."): value for name, value in head.named_buffers()}
 
     def forward(self, *args, **kwargs):
         return functional_call(self.base, self.merged_weights(), args, kwargs, tie_weights=True, strict=False)
 
-    @contextmanager
-    def as_expert(self, expert: int | str) -> Iterator[MergedModel]:
-        """Teacher mode: run as expert k exactly (W0 + tau_k), without loading it again."""
+    def index(self, expert: int | str) -> int:
         k = self.experts.index(expert) if expert in self.experts else expert
         if not isinstance(k, int) or not 0 <= k < len(self.experts):
             raise AdamergeError(f"no expert {expert!r}; the pool has {self.experts}")
-        previous, self._expert = self._expert, k
+        return k
+
+    @contextmanager
+    def as_expert(self, expert: int | str) -> Iterator[MergedModel]:
+        """Teacher mode: run as expert k exactly (W0 + tau_k, with its head), without loading it again."""
+        previous, self._expert = self._expert, self.index(expert)
         try:
             yield self
         finally:
             self._expert = previous
 
+    @contextmanager
+    def task(self, task: int | str) -> Iterator[MergedModel]:
+        """Answer with task k's head (merged backbone + head k); a no-op for models without heads."""
+        previous = self._task
+        if len(self.heads):
+            self._task = self.index(task)
+        try:
+            yield self
+        finally:
+            self._task = previous
+
     @torch.no_grad()
-    def fold(self) -> nn.Module:
-        """A plain copy of the base class holding the merged weights (tied weights stay tied)."""
+    def fold(self, task: int | str | None = None) -> nn.Module:
+        """A plain model of the base class holding the merged weights (tied weights stay tied).
+
+        With per-task heads and ``task`` given, the model has that expert's config (label names)
+        and head; without ``task`` it keeps the base's head (use ``.base_model`` for the backbone).
+        """
+        if task is not None and len(self.heads):
+            with self.task(task):
+                weights = self.merged_weights()
+            folded = type(self.base)(self.head_configs[self.experts[self.index(task)]]).to(self.base.dtype)
+            folded.load_state_dict({**self.base.state_dict(), **weights}, strict=True)
+            return folded.eval()
         folded = copy.deepcopy(self.base)
         params = dict(folded.named_parameters())
         for name, value in self.merged_weights().items():

@@ -26,6 +26,8 @@ Source = str | Path | nn.Module | Callable[[], nn.Module]
 # Modules whose weight is stored (in_features, out_features) instead of nn.Linear's (out, in).
 INPUT_FIRST_MODULES = {"Conv1D"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Task heads of classification models (BERT/RoBERTa/DistilBERT ``classifier``, decoders' ``score``).
+DEFAULT_HEADS = (r"^(classifier|score|pre_classifier)\.",)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class ExpertPool:
         trust_remote_code: passed to transformers; off unless the user turns it on.
         allow_pickle: read ``.bin`` checkpoints with ``torch.load(weights_only=True)``; off by default.
         dtype: dtype to load models in (``None``: as stored).
+        heads: regexes marking per-task head parameters: never merged, may differ in shape across
+            experts, each expert's kept beside the task vectors. Default: ``DEFAULT_HEADS`` for
+            classification Auto classes, none otherwise.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class ExpertPool:
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         dtype: torch.dtype | None = None,
+        heads: Sequence[str] | None = None,
     ) -> None:
         if len(experts) < 1:
             raise AdamergeError("the pool needs at least one expert: set pool.experts.NAME=DIR_OR_ID")
@@ -107,7 +113,11 @@ class ExpertPool:
         self.base = self._load_model(base, role="base")
         self.base.requires_grad_(False).eval()
         self.expert_sources = dict(experts)
-        self.merged_names = self._select(include, exclude)
+        if heads is None:
+            heads = DEFAULT_HEADS if "Classification" in self.auto_class.__name__ else ()
+        self.head_names = [n for n, _ in self.base.named_parameters() if any(re.search(rx, n) for rx in heads)]
+        self.expert_configs: dict[str, object] = {}
+        self.merged_names = [n for n in self._select(include, exclude) if n not in self.head_names]
         if not self.merged_names:
             raise AdamergeError("no parameter matches pool.include/pool.exclude: nothing to merge")
 
@@ -130,12 +140,13 @@ class ExpertPool:
         ]
 
     def iter_experts(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-        """Yield (name, merged parameters) for one expert at a time; the expert is dropped after."""
+        """Yield (name, merged and head parameters) for one expert at a time; the expert is dropped after."""
         for name, source in self.expert_sources.items():
             expert = self._load_model(source, role=f"expert {name!r}")
             params = dict(expert.named_parameters())
             self._check_matches_base(name, params)
-            yield name, {n: params[n].detach() for n in self.merged_names}
+            self.expert_configs[name] = getattr(expert, "config", None)
+            yield name, {n: params[n].detach() for n in (*self.merged_names, *self.head_names)}
             del expert, params
 
     def task_vectors(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
@@ -147,16 +158,23 @@ class ExpertPool:
             n: torch.empty((len(self.expert_sources), *base[n].shape), dtype=dtype or base[n].dtype, device=device)
             for n in self.merged_names
         }
-        for k, (_, params) in enumerate(self.iter_experts()):
+        heads: dict[str, dict[str, torch.Tensor]] = {}
+        for k, (name, params) in enumerate(self.iter_experts()):
             for n, stack in stacks.items():
                 stack[k].copy_(params[n].to(base[n].device) - base[n])
-        return TaskVectors(self.expert_names, {i.name: i for i in self.tensor_infos()}, stacks)
+            if self.head_names:
+                heads[name] = {n: params[n].detach().clone().to(base[n].device) for n in self.head_names}
+            del params  # else the loop variable keeps this expert alive while the next one loads
+        infos = {i.name: i for i in self.tensor_infos()}
+        return TaskVectors(self.expert_names, infos, stacks, heads, dict(self.expert_configs) if heads else {})
 
     def _check_matches_base(self, expert: str, params: Mapping[str, torch.Tensor]) -> None:
         base = dict(self.base.named_parameters())
         for n, p in base.items():
             if n not in params:
                 raise AdamergeError(f"expert {expert!r} has no tensor {n!r} that the base has")
+            if n in self.head_names:
+                continue  # heads may differ in shape (different label sets)
             if params[n].shape != p.shape:
                 raise AdamergeError(
                     f"expert {expert!r}: tensor {n!r} has shape {tuple(params[n].shape)}, the base {tuple(p.shape)}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from adamerge.allocation import allocate_chunks, tensor_importance
 from adamerge.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
 from adamerge.data import Collator, DataFree, TaskDataModule, load_jsonl, load_task_examples
 from adamerge.errors import AdamergeError
-from adamerge.export import check_output_dir, save_folded
+from adamerge.export import check_output_dir, copy_tokenizer, save_folded
 from adamerge.granularity import GRANULARITIES, Layer
 from adamerge.merged import MergedModel
 from adamerge.objectives import OBJECTIVES, Objective
@@ -71,7 +71,7 @@ def build_pool(cfg: Mapping) -> ExpertPool:
         cfg["base"], dict(cfg.get("experts") or {}), auto_class=cfg.get("auto_class", "AutoModelForCausalLM"),
         include=cfg.get("include") or (), exclude=cfg.get("exclude") or (),
         trust_remote_code=bool(cfg.get("trust_remote_code")), allow_pickle=bool(cfg.get("allow_pickle")),
-        dtype=parse_dtype(cfg.get("dtype"), "pool.dtype"),
+        dtype=parse_dtype(cfg.get("dtype"), "pool.dtype"), heads=cfg.get("heads"),
     )
 
 
@@ -162,16 +162,29 @@ class RunResult:
     seconds: float = 0.0
 
 
-def evaluate_model(model, tokenizer, cfg: Mapping, causal: bool) -> dict[str, float]:
-    from adamerge.evaluate import accuracy, evaluate_tasks
+def evaluate_model(model_for: Callable[[str], torch.nn.Module], tokenizer, cfg: Mapping, causal: bool
+                   ) -> dict[str, float]:
+    """Score ``model_for(task)`` on each task of ``eval.tests``: exact match (generative) or accuracy."""
+    from adamerge.evaluate import accuracy, exact_match
 
     tests = {t: load_jsonl(p)[: cfg.get("limit") or None] for t, p in (cfg.get("tests") or {}).items()}
     if not tests:
         return {}
-    if causal:
-        return evaluate_tasks(model, tokenizer, tests, cfg.get("max_new_tokens", 16), cfg.get("batch_size", 64))
-    scores = {t: accuracy(model, tokenizer, rows, cfg.get("batch_size", 64)) for t, rows in tests.items()}
+    batch_size = cfg.get("batch_size", 64)
+    scores = {
+        t: exact_match(model_for(t), tokenizer, rows, cfg.get("max_new_tokens", 16), batch_size) if causal
+        else accuracy(model_for(t), tokenizer, rows, batch_size)
+        for t, rows in tests.items()
+    }
     return {**scores, "avg": sum(scores.values()) / len(scores)}
+
+
+def evaluate_merged(merged: MergedModel, tokenizer, cfg: Mapping, causal: bool) -> dict[str, float]:
+    """Evaluate the folded merge: one model for all tasks, or backbone + head k per task."""
+    if not cfg.get("tests"):
+        return {}
+    shared = None if len(merged.heads) else merged.fold()
+    return evaluate_model(lambda task: shared if shared is not None else merged.fold(task), tokenizer, cfg, causal)
 
 
 @torch.no_grad()
@@ -263,30 +276,55 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     max_steps = int((config.get("trainer") or {}).get("max_steps", 0))
     merged, steps_left = build_merged(pool, task_vectors, config, objective, data, tokenizer, run_dir, max_steps)
     eval_cfg = config.get("eval") or {}
-    metrics = {"before": evaluate_model(merged.fold(), tokenizer, eval_cfg, causal) if eval_cfg.get("tests") else {}}
+    metrics = {"before": evaluate_merged(merged, tokenizer, eval_cfg, causal)}
     if steps_left != 0:
         fit(merged, objective, data, tokenizer, config, run_dir, steps_left, config.get("resume"))
 
-    folded = merged.fold()
-    metrics["after"] = evaluate_model(folded, tokenizer, eval_cfg, causal)
-    diff = fold_difference(merged, folded, next(iter(data.loader(merged.experts[0], shuffle=False)))) if data else None
+    metrics["after"] = evaluate_merged(merged, tokenizer, eval_cfg, causal)
+    diff = None
+    if data is not None:
+        first = merged.experts[0]
+        with merged.task(first):
+            diff = fold_difference(merged, merged.fold(first), next(iter(data.loader(first, shuffle=False))))
     result = RunResult(Path(output_dir) if output_dir else None, metrics, merged.granularity.table(), diff)
     result.seconds = time.perf_counter() - start
     if diff is not None:
         log.info("fold check: max |folded - merged| logits = %.3g", diff)
     if output_dir:
-        write_output(folded, merged, pool, objective, config, result)
+        write_output(merged, pool, objective, config, result)
     return result
 
 
-def write_output(folded, merged: MergedModel, pool: ExpertPool, objective: Objective, config: Mapping,
+def write_task_checkpoints(merged: MergedModel, pool: ExpertPool, into: Path) -> None:
+    """``tasks/<task>/``: merged backbone + that task's head and label names, a complete checkpoint each."""
+    for task in merged.experts:
+        merged.fold(task).save_pretrained(into / "tasks" / task)
+        if pool.base_source is not None:
+            copy_tokenizer(pool.base_source, into / "tasks" / task, pool.trust_remote_code)
+
+
+def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, config: Mapping,
                  result: RunResult) -> None:
-    """The folded checkpoint with its coefficients, config, card and metrics.json (atomic)."""
+    """The folded checkpoint with its coefficients, config, card and metrics.json (atomic).
+
+    With per-task heads, ``output_dir`` holds the merged backbone as a plain ``AutoModel``
+    checkpoint and ``tasks/<task>/`` one classifier per task.
+    """
+    heads = len(merged.heads) > 0
+    folded = merged.fold().base_model if heads else merged.fold()
+
+    def extra_files(tmp: Path) -> None:
+        (tmp / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+        if heads:
+            write_task_checkpoints(merged, pool, tmp)
+
     granularity = merged.granularity
     details = {"granularity": config["granularity"].get("name"), "space": granularity.space,
                "transform": granularity.transform, "objective": config["objective"].get("name"),
                "steps": (config.get("trainer") or {}).get("max_steps", 0),
                "fold max |diff| (logits)": result.fold_max_diff}
+    if heads:
+        details["tasks"] = ", ".join(f"tasks/{t}" for t in merged.experts)
     coefficients = {**result.coefficients, **objective.saved_tensors()}
     save_folded(
         folded, result.output_dir, base_source=pool.base_source,
@@ -297,5 +335,5 @@ def write_output(folded, merged: MergedModel, pool: ExpertPool, objective: Objec
                               "transform": granularity.transform, "space": granularity.space},
         config=config, details=details, metrics={k: v for k, v in result.metrics.items() if v},
         overwrite=bool(config.get("overwrite")), trust_remote_code=bool(config["pool"].get("trust_remote_code")),
-        extra_files=lambda tmp: (tmp / "metrics.json").write_text(json.dumps(result.metrics, indent=2)),
+        extra_files=extra_files,
     )

@@ -7,7 +7,7 @@ slice separately (per tensor, as peft and mergekit do), so they compose and stre
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -22,6 +22,8 @@ class TaskVectors:
     experts: list[str]
     infos: dict[str, TensorInfo]
     stacks: dict[str, torch.Tensor]
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # expert -> its task head
+    head_configs: dict[str, object] = field(default_factory=dict)  # expert -> its config (label names)
 
     @property
     def num_experts(self) -> int:

@@ -8,6 +8,7 @@ Checkpoints hold the trainable tensors alone, never the frozen base or the task 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
@@ -55,7 +56,8 @@ class MergeModule(pl.LightningModule):
     def training_step(self, batch: Mapping[str, Mapping[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for task, task_batch in batch.items():
-            loss = self.objective.task_loss(self.merged, task, task_batch)
+            with self.merged.task(task) if task in self.merged.experts else nullcontext():
+                loss = self.objective.task_loss(self.merged, task, task_batch)
             total = total + self.objective.task_weights.get(task, 1.0) * loss
             self.log(f"loss/{task}", loss, batch_size=len(next(iter(task_batch.values()))))
         reg = self.objective.regularizer(self.merged)
