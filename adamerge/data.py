@@ -34,8 +34,8 @@ def load_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
-def load_hf_dataset(source: str, split: str = "train", trust_remote_code: bool = False) -> list[dict]:
-    """A local ``datasets`` directory (``save_to_disk``) or a hub id with a split."""
+def load_hf_dataset(source: str, split: str = "train", name: str | None = None) -> list[dict]:
+    """A local ``datasets`` directory (``save_to_disk``) or a hub id with a config name and split."""
     import datasets
 
     path = Path(source).expanduser()
@@ -44,7 +44,7 @@ def load_hf_dataset(source: str, split: str = "train", trust_remote_code: bool =
         ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     else:
         try:
-            ds = datasets.load_dataset(source, split=split, trust_remote_code=trust_remote_code)
+            ds = datasets.load_dataset(source, name, split=split)
         except Exception as e:  # datasets raises many types for a missing/offline source
             raise AdamergeError(f"cannot load dataset {source!r} (split {split!r}): {str(e).splitlines()[0]}") from e
     return [dict(row) for row in ds]
@@ -53,7 +53,7 @@ def load_hf_dataset(source: str, split: str = "train", trust_remote_code: bool =
 def load_task_examples(source: str | Mapping, fields: Sequence[str], task: str, limit: int | None = None) -> list[dict]:
     """Examples of one task from a JSONL path or ``{dataset, split}``, checked to hold ``fields``."""
     if isinstance(source, Mapping):
-        rows = load_hf_dataset(source["dataset"], source.get("split", "train"))
+        rows = load_hf_dataset(source["dataset"], source.get("split", "train"), source.get("name"))
         rename = source.get("columns", {})
         rows = [{rename.get(k, k): v for k, v in r.items()} for r in rows]
     else:
