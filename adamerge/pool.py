@@ -140,14 +140,22 @@ class ExpertPool:
         ]
 
     def iter_experts(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-        """Yield (name, merged and head parameters) for one expert at a time; the expert is dropped after."""
+        """Yield (name, merged and head parameters) for one expert at a time; the expert is dropped after.
+
+        The yielded dict is emptied when the next expert is requested: the caller's loop variable, or
+        an ``enumerate`` around this generator (it keeps its last result), cannot keep the previous
+        expert alive while the next one loads.
+        """
         for name, source in self.expert_sources.items():
             expert = self._load_model(source, role=f"expert {name!r}")
             params = dict(expert.named_parameters())
             self._check_matches_base(name, params)
             self.expert_configs[name] = getattr(expert, "config", None)
-            yield name, {n: params[n].detach() for n in (*self.merged_names, *self.head_names)}
+            tensors = {n: params[n].detach() for n in (*self.merged_names, *self.head_names)}
             del expert, params
+            yield name, tensors
+            tensors.clear()
+            del tensors
 
     def task_vectors(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
         """Stack ``W_k - W0`` for every merged tensor into ``(K, *shape)``, one expert in memory at a time."""
@@ -164,7 +172,6 @@ class ExpertPool:
                 stack[k].copy_(params[n].to(base[n].device) - base[n])
             if self.head_names:
                 heads[name] = {n: params[n].detach().clone().to(base[n].device) for n in self.head_names}
-            del params  # else the loop variable keeps this expert alive while the next one loads
         infos = {i.name: i for i in self.tensor_infos()}
         return TaskVectors(self.expert_names, infos, stacks, heads, dict(self.expert_configs) if heads else {})
 

@@ -101,6 +101,8 @@ def della(
     ``density + epsilon``; each kept entry is rescaled by ``1 / p_keep`` so the expectation is unchanged.
     """
     _check_fraction("density", density)
+    if not epsilon >= 0.0:  # a negative epsilon would keep small entries more often than large ones
+        raise AdamergeError(f"della needs epsilon >= 0, got {epsilon}")
     if not (density - epsilon > 0.0 and density + epsilon <= 1.0):
         raise AdamergeError(f"della needs 0 < density - epsilon and density + epsilon <= 1, got {density}, {epsilon}")
     p_keep = density - epsilon + 2 * epsilon * magnitude_ranks(stack)
