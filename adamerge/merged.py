@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Granularity
@@ -30,8 +31,8 @@ def merge_tensor(w0: torch.Tensor, stack: torch.Tensor, coef: torch.Tensor, spac
     k = stack.shape[0]
     if coef.numel() == k:
         delta = (coef.reshape(1, k).to(stack.dtype) @ stack.reshape(k, -1)).reshape(w0.shape)
-    else:
-        delta = (coef.to(stack.dtype) * stack).sum(0)
+    else:  # type promotion: fp32 coefficients accumulate reduced-precision stacks in fp32
+        delta = (coef * stack).sum(0)
     if space == "weights":
         return w0 * coef.sum(0).to(w0.dtype) + delta.to(w0.dtype)
     return w0 + delta.to(w0.dtype)
@@ -44,10 +45,14 @@ class MergedModel(nn.Module):
         base: the base model; its parameters are W0 and stay frozen.
         task_vectors: the stacks, one per merged tensor (names as in ``base.named_parameters()``).
         granularity: owns the coefficients; ``setup`` is called here for these experts and tensors.
+        recompute: keep neither merged weights nor activations for backward; rebuild both there
+            (activation checkpointing of the whole forward), for when the merged copy does not fit.
     """
 
-    def __init__(self, base: nn.Module, task_vectors: TaskVectors, granularity: Granularity) -> None:
+    def __init__(self, base: nn.Module, task_vectors: TaskVectors, granularity: Granularity,
+                 recompute: bool = False) -> None:
         super().__init__()
+        self.recompute = recompute
         self.base = base.requires_grad_(False)
         self.experts = list(task_vectors.experts)
         self.names = list(task_vectors.stacks)
@@ -91,6 +96,11 @@ class MergedModel(nn.Module):
         return {name.replace("/", "."): value for name, value in head.named_buffers()}
 
     def forward(self, *args, **kwargs):
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, *args, use_reentrant=False, **kwargs)
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, *args, **kwargs):
         return functional_call(self.base, self.merged_weights(), args, kwargs, tie_weights=True, strict=False)
 
     def index(self, expert: int | str) -> int:

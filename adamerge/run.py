@@ -18,6 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from adamerge.allocation import allocate_chunks, tensor_importance
 from adamerge.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
@@ -221,7 +222,7 @@ def chunk_allocation_stage(pool: ExpertPool, task_vectors: TaskVectors, gran_cfg
                            tokenizer, config: Mapping, run_dir: Path, steps: int):
     """Expert Merging++ stage 1: train layer-wise, then allocate the chunk budget by importance."""
     common = {k: gran_cfg[k] for k in ("init", "transform", "space") if k in gran_cfg}
-    stage1 = MergedModel(pool.base, task_vectors, Layer(**common))
+    stage1 = MergedModel(pool.base, task_vectors, Layer(**common), bool(config.get("recompute")))
     fit(stage1, objective, data, tokenizer, config, run_dir / "stage1", steps)
     table = stage1.granularity.table()
     importance = tensor_importance(table, task_vectors.stacks)
@@ -241,14 +242,15 @@ def build_merged(pool: ExpertPool, task_vectors: TaskVectors, config: Mapping, o
     gran_cfg = dict(config["granularity"])
     budget, stage1_steps = gran_cfg.pop("budget", None), gran_cfg.pop("stage1_steps", None)
     if not budget:
-        return MergedModel(pool.base, task_vectors, construct(GRANULARITIES, "granularity", gran_cfg)), max_steps
+        granularity = construct(GRANULARITIES, "granularity", gran_cfg)
+        return MergedModel(pool.base, task_vectors, granularity, bool(config.get("recompute"))), max_steps
     if gran_cfg.get("name") != "chunk":
         raise AdamergeError("granularity.budget (Expert Merging++ allocation) needs granularity=chunk")
     steps1 = int(stage1_steps or max_steps // 2)
     counts, table = chunk_allocation_stage(pool, task_vectors, {**gran_cfg, "budget": budget}, objective, data,
                                            tokenizer, config, run_dir, steps1)
     chunk = construct(GRANULARITIES, "granularity", {**gran_cfg, "counts": counts})
-    merged = MergedModel(pool.base, task_vectors, chunk)
+    merged = MergedModel(pool.base, task_vectors, chunk, bool(config.get("recompute")))
     chunk.load_table(table)
     return merged, max_steps - steps1
 
@@ -290,7 +292,7 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     result.seconds = time.perf_counter() - start
     if diff is not None:
         log.info("fold check: max |folded - merged| logits = %.3g", diff)
-    if output_dir:
+    if output_dir and rank_zero_only.rank == 0:  # under DDP every rank gets here; one writes
         write_output(merged, pool, objective, config, result)
     return result
 
