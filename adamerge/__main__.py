@@ -16,7 +16,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from adamerge.errors import AdamergeError
 
@@ -38,6 +37,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
 
 @hydra.main(version_base=None, config_path="pkg://adamerge.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    from pytorch_lightning.utilities.exceptions import SIGTERMException  # here: config errors stay fast
+
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
@@ -57,7 +58,10 @@ def hydra_main(cfg: DictConfig) -> None:
             print(f"adamerge: error: {e}", file=sys.stderr)
             sys.exit(2)
         raise
-    (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # DDP ranks share the run dir
+        (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 # Mappings whose keys are the user's own names (tasks, globs): ``pool.experts.NAME=X`` may add a key.
