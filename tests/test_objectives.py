@@ -135,11 +135,20 @@ def test_align_caches_one_teacher_row_per_example(parts, tok):
 def test_topk_kl_with_every_logit_is_the_kl_divergence():
     gen = torch.Generator().manual_seed(0)
     teacher, student = torch.randn(4, 7, generator=gen), torch.randn(4, 7, generator=gen)
-    values, indices = teacher.topk(7, -1)
     for t in (1.0, 2.0):
+        values, indices = torch.log_softmax(teacher / t, -1).topk(7, -1)
         expected = torch.nn.functional.kl_div(torch.log_softmax(student / t, -1), torch.log_softmax(teacher / t, -1),
                                               log_target=True, reduction="none").sum(-1)
         torch.testing.assert_close(topk_kl(values, indices, student, t), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_kl_is_zero_at_the_teacher_and_positive_elsewhere():
+    gen = torch.Generator().manual_seed(1)
+    teacher, student = torch.randn(4, 50, generator=gen), torch.randn(4, 50, generator=gen)
+    for t in (1.0, 2.0):
+        values, indices = torch.log_softmax(teacher / t, -1).topk(5, -1)
+        assert topk_kl(values, indices, teacher, t).abs().max() < 1e-5
+        assert (topk_kl(values, indices, student, t) > 1e-3).all()
 
 
 def test_align_regularizer_is_mean_distance_to_init(parts):

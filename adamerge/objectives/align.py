@@ -27,7 +27,7 @@ from adamerge.objectives.base import (
 @dataclass
 class TeacherRow:
     ids: torch.Tensor | None  # tokens run for this example (causal LMs; None: use the batch as is)
-    top_values: torch.Tensor  # (n, k) teacher logits at the n scored positions
+    top_values: torch.Tensor  # (n, k) teacher log-probabilities (at temperature T) at the n scored positions
     top_indices: torch.Tensor  # (n, k) their vocabulary / class ids
     hidden: torch.Tensor | None  # (layers, n, H) teacher hidden states at the scored positions
 
@@ -46,11 +46,19 @@ def hidden_at(hidden_states: Sequence[torch.Tensor], layers: Sequence[int], p: i
     return torch.stack(picked, 1)
 
 
-def topk_kl(top_values: torch.Tensor, top_indices: torch.Tensor, student_logits: torch.Tensor, t: float):
-    """KL(teacher || student) per position, with the teacher renormalized over its cached top-k."""
-    p_teacher = torch.softmax(top_values.float() / t, -1)
+def topk_kl(top_logp: torch.Tensor, top_indices: torch.Tensor, student_logits: torch.Tensor, t: float):
+    """KL(teacher || student) per position over the teacher's top-k tokens plus one "rest" bucket.
+
+    ``top_logp`` are the teacher's log-probabilities at temperature t. Lumping the other tokens
+    into one bucket keeps the loss an exact KL between two distributions (zero when the student
+    is the teacher); with k = vocabulary size it is the full KL.
+    """
     log_student = torch.log_softmax(student_logits.float() / t, -1).gather(-1, top_indices)
-    return (p_teacher * (torch.log(p_teacher.clamp(min=1e-30)) - log_student)).sum(-1)
+    p_teacher = top_logp.float().exp()
+    top = (p_teacher * (top_logp.float() - log_student)).sum(-1)
+    rest_teacher = (1 - p_teacher.sum(-1)).clamp(min=0)
+    rest_student = (1 - log_student.exp().sum(-1)).clamp(min=1e-12)
+    return top + rest_teacher * (torch.log(rest_teacher.clamp(min=1e-12)) - torch.log(rest_student))
 
 
 class Align(Objective):
@@ -81,9 +89,8 @@ class Align(Objective):
                 inputs, scored, ids = self.student_inputs(merged, batch)
                 out = merged(**inputs, output_hidden_states=self.hidden_weight > 0)
                 p = scored.shape[1]
-                logits = scored_logits(out.logits, p)
-                k = min(self.top_k or logits.shape[-1], logits.shape[-1])
-                values, indices = logits.topk(k, -1)
+                logp = torch.log_softmax(scored_logits(out.logits, p).float() / self.temperature, -1)
+                values, indices = logp.topk(min(self.top_k or logp.shape[-1], logp.shape[-1]), -1)
                 hidden = hidden_at(out.hidden_states, self.hidden_layers, p, ids is not None) \
                     if self.hidden_weight > 0 else None
                 for i, n in enumerate(scored.sum(1).tolist()):
