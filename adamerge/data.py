@@ -111,7 +111,8 @@ class Collator:
     add_special_tokens: bool = True
 
     def encode(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"][: self.max_length]
+        """Token ids of a prompt; a long one loses its start, so its last token stays the scored one."""
+        ids = self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"][-self.max_length :]
         return torch.tensor(ids, dtype=torch.long)
 
     def __call__(self, items: Sequence[tuple[int, dict]]) -> dict[str, torch.Tensor]:

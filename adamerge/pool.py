@@ -113,6 +113,9 @@ class ExpertPool:
         self.base = self._load_model(base, role="base")
         self.base.requires_grad_(False).eval()
         self.expert_sources = dict(experts)
+        for name, source in self.expert_sources.items():  # fail before any expert is loaded
+            if isinstance(source, (str, Path)) and is_local(source):
+                self._check_local_source(Path(source).expanduser(), f"expert {name!r}")
         if heads is None:
             heads = DEFAULT_HEADS if "Classification" in self.auto_class.__name__ else ()
         self.head_names = [n for n, _ in self.base.named_parameters() if any(re.search(rx, n) for rx in heads)]
@@ -201,18 +204,24 @@ class ExpertPool:
             return source()
         if is_local(source):
             path = Path(source).expanduser()
-            if not path.exists():
-                raise AdamergeError(f"{role}: path {str(source)!r} does not exist")
+            self._check_local_source(path, role)
             if (path / "adapter_config.json").exists():
-                if role == "base":
-                    raise AdamergeError(f"base: {str(source)!r} is a LoRA adapter, not a model")
                 return self._load_lora(path)
-            if not (path / "config.json").exists():
-                raise AdamergeError(
-                    f"{role}: {str(source)!r} is not a model directory (no config.json or adapter_config.json)"
-                )
-            self._check_weight_format(path, role)
         return self._from_pretrained(str(source), role)
+
+    def _check_local_source(self, path: Path, role: str) -> None:
+        """A local source must be a model directory (or, for an expert, a LoRA adapter) we may read."""
+        if not path.exists():
+            raise AdamergeError(f"{role}: path {str(path)!r} does not exist")
+        if (path / "adapter_config.json").exists():
+            if role == "base":
+                raise AdamergeError(f"base: {str(path)!r} is a LoRA adapter, not a model")
+            return
+        if not (path / "config.json").exists():
+            raise AdamergeError(
+                f"{role}: {str(path)!r} is not a model directory (no config.json or adapter_config.json)"
+            )
+        self._check_weight_format(path, role)
 
     def _check_weight_format(self, path: Path, role: str) -> None:
         files = [f.name for f in path.iterdir()]
