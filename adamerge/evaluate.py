@@ -1,0 +1,165 @@
+"""Per-task metrics for any model: a plain Hugging Face model or a wrapper such as ``MergedModel``.
+
+A model here is any ``nn.Module`` whose ``__call__(input_ids=..., attention_mask=..., position_ids=...)``
+returns an object with ``.logits``. Wrappers are not ``GenerationMixin``s, so generation is our own
+short greedy loop (left padding, explicit position ids, no KV cache: answers are a few tokens long).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adamerge.errors import AdamergeError
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSON-lines file (blank lines skipped); parsed as data only, never evaluated."""
+    rows: list[dict] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AdamergeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise AdamergeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise AdamergeError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    return pad
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, padded on the left so every prompt ends at the last column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def _greedy_batch(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    device = _device(model)
+    ids, mask = _left_pad([tokenizer(p)["input_ids"] for p in prompts], _pad_id(tokenizer))
+    ids, mask = ids.to(device), mask.to(device)
+    eos = tokenizer.eos_token_id
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    new_tokens: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        # Positions count real tokens only, so a padded prompt sees the positions it would see alone.
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        token = logits[:, -1].argmax(-1)
+        new_tokens.append(token)
+        if eos is not None:
+            done |= token == eos
+        if done.all():
+            break
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    generated = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
+    return [tokenizer.decode(_until(seq, eos), skip_special_tokens=True) for seq in generated]
+
+
+def _until(seq: list[int], eos: int | None) -> list[int]:
+    return seq[: seq.index(eos)] if eos is not None and eos in seq else seq
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 128
+) -> list[str]:
+    """Greedy continuation of each prompt (without the prompt), cut at the first eos."""
+    was_training = model.training
+    model.eval()
+    try:
+        outputs: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            outputs += _greedy_batch(model, tokenizer, prompts[start : start + batch_size], max_new_tokens)
+        return outputs
+    finally:
+        model.train(was_training)
+
+
+def exact_match(
+    model: nn.Module, tokenizer, examples: Sequence[dict], max_new_tokens: int = 16, batch_size: int = 128
+) -> float:
+    """Fraction of ``{"prompt", "answer"}`` examples whose greedy answer equals ``answer``.
+
+    Both sides are compared after ``strip()``, since subword tokenizers often decode a leading space.
+    """
+    if not examples:
+        raise AdamergeError("exact_match needs at least one example")
+    prompts = [ex["prompt"] for ex in examples]
+    predictions = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    hits = sum(pred.strip() == str(ex["answer"]).strip() for pred, ex in zip(predictions, examples, strict=True))
+    return hits / len(examples)
+
+
+def evaluate_tasks(
+    model: nn.Module, tokenizer, tasks: dict[str, Sequence[dict]], max_new_tokens: int = 16, batch_size: int = 128
+) -> dict[str, float]:
+    """Exact match per task, plus their unweighted mean under ``"avg"``."""
+    if "avg" in tasks:
+        raise AdamergeError("a task may not be named 'avg': that key holds the mean over tasks")
+    scores = {name: exact_match(model, tokenizer, ex, max_new_tokens, batch_size) for name, ex in tasks.items()}
+    return {**scores, "avg": sum(scores.values()) / max(len(scores), 1)}
+
+
+def normalized_accuracy(scores: dict[str, float], expert_scores: dict[str, float]) -> dict[str, float]:
+    """Merged score over the task's own expert score, per task and averaged (AdaMerging's headline metric).
+
+    1.0 means the merged model matches the expert on its task; tasks are those of ``expert_scores``.
+    """
+    tasks = [t for t in expert_scores if t != "avg"]
+    missing = [t for t in tasks if t not in scores]
+    if missing:
+        raise AdamergeError(f"no merged score for task(s) {missing}")
+    zero = [t for t in tasks if expert_scores[t] <= 0]
+    if zero:
+        raise AdamergeError(f"expert score is 0 for task(s) {zero}: nothing to normalize by")
+    normalized = {t: scores[t] / expert_scores[t] for t in tasks}
+    return {**normalized, "avg": sum(normalized.values()) / max(len(normalized), 1)}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, tokenizer, examples: Sequence[dict], batch_size: int = 128) -> float:
+    """Fraction of ``{"text", "label"}`` examples where a classifier's argmax logit is the integer label."""
+    if not examples:
+        raise AdamergeError("accuracy needs at least one example")
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        hits = 0
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            enc = tokenizer([ex["text"] for ex in batch], padding=True, return_tensors="pt").to(device)
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            if logits.dim() != 2:
+                raise AdamergeError(f"accuracy needs (batch, labels) logits of a classifier, got {tuple(logits.shape)}")
+            labels = torch.tensor([int(ex["label"]) for ex in batch], device=device)
+            hits += int((logits.argmax(-1) == labels).sum())
+        return hits / len(examples)
+    finally:
+        model.train(was_training)
