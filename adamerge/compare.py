@@ -100,7 +100,7 @@ def compare(cfg: DictConfig, run_dir: Path, compose=compose_method) -> dict[str,
         result = run(OmegaConf.create(method_cfg), run_dir / slug(method["name"]), pool, tv)
         rows[method["name"]] = {**result.metrics["after"], "time (s)": result.seconds}
     for row in rows.values():
-        row["norm. avg"] = normalized_accuracy({t: row[t] for t in tasks}, experts)["avg"]
+        row["norm. avg"] = normalized_accuracy({t: row[t] for t in tasks}, {t: experts[t] for t in tasks})["avg"]
     table = format_table(rows, tasks)
     print(table)
     (run_dir / "results.md").write_text(table + "\n")

@@ -10,8 +10,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import adamerge.zoo.build as build
+import adamerge.zoo.recipe as recipe
 from adamerge.errors import AdamergeError
 from adamerge.zoo import EXPERT_TASKS, GENERIC_TASKS, Task, ZooSettings, build_zoo, make_splits
+from adamerge.zoo.quality import format_report
 from adamerge.zoo.tasks import sample_rows, with_decoys, write_eval_splits
 from adamerge.zoo.tokenizer import char_tokenizer
 
@@ -125,7 +127,7 @@ def test_build_writes_loadable_models_and_data(tiny_zoo):
 
 
 def test_build_is_cached_and_guarded(tiny_zoo, monkeypatch):
-    monkeypatch.setattr(build, "_build_into", lambda *a: pytest.fail("a complete zoo was rebuilt"))
+    monkeypatch.setattr(build, "train_zoo", lambda *a: pytest.fail("a complete zoo was rebuilt"))
     cached = build_zoo(tiny_zoo.root, verbose=False, settings=TINY)
     assert (cached.base, cached.experts, cached.lora) == (tiny_zoo.base, tiny_zoo.experts, tiny_zoo.lora)
     assert json.dumps(cached.report) == json.dumps(tiny_zoo.report)  # NaN-safe: a tiny zoo's experts score 0
@@ -133,14 +135,29 @@ def test_build_is_cached_and_guarded(tiny_zoo, monkeypatch):
         build_zoo(tiny_zoo.root, verbose=False, settings=ZooSettings())
 
 
+def test_force_replaces_a_complete_zoo(tmp_path):
+    first = build_zoo(tmp_path / "zoo", verbose=False, settings=TINY)
+    (first.root / "stale.txt").write_text("from the old build")
+    again = build_zoo(tmp_path / "zoo", force=True, verbose=False, settings=TINY)
+    assert not (again.root / "stale.txt").exists() and (again.root / "zoo.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["zoo"]  # no temporary build directory left behind
+
+
 def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     def crash(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build, "train_lm", crash)
+    monkeypatch.setattr(recipe, "train_lm", crash)
     with pytest.raises(KeyboardInterrupt):
         build_zoo(tmp_path / "zoo", verbose=False, settings=TINY)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_build_refuses_to_replace_a_foreign_directory(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(AdamergeError, match="is not an adamerge zoo"):
+        build_zoo(tmp_path, force=True, verbose=False, settings=TINY)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
 def test_default_root_follows_the_environment(monkeypatch, tmp_path):
@@ -154,4 +171,4 @@ def test_default_root_follows_the_environment(monkeypatch, tmp_path):
 def test_default_zoo_meets_its_quality_bars(tmp_path):
     torch.set_num_threads(2)
     zoo = build_zoo(tmp_path / "zoo", verbose=False)
-    assert all(zoo.report["checks"].values()), build.format_report(zoo.report)
+    assert all(zoo.report["checks"].values()), format_report(zoo.report)

@@ -1,84 +1,25 @@
 """Build (once) and cache the offline expert zoo: a tiny base, four experts, four LoRA adapters, data.
 
-Everything is trained in-process from seeded synthetic data, so the embedded default runs with no
-network. The recipe follows DESIGN.md ("Making a zoo where merging means something"):
-
-1. pretrain the base broadly: generic tasks plus the four expert tasks, where each expert task's
-   marker is used for its decoy convention in ``decoy_rate`` of the rows (see ``tasks.py``), so the
-   base has every skill but is clearly worse than the experts;
-2. fine-tune one expert per task gently (low lr, few steps, half of each batch replayed from the
-   pretraining mix, as instruction tuning does), which keeps ||tau_k|| / ||W0|| small;
-3. train the same experts as LoRA adapters on the base;
-4. measure the quality bars (``quality.py``) and store them as the zoo's report.
-
-The zoo is built into a temporary sibling directory, its marker file is written last, and only then
-is the directory renamed into place: an interrupted build never looks complete.
+Everything is trained in-process from seeded synthetic data (``recipe.py``), so the embedded
+default runs with no network. The zoo is built into a temporary sibling directory, its marker file
+is written last, and only then is the directory renamed into place: an interrupted build never
+looks complete, and a complete one is reused by every later call.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import os
-import random
 import shutil
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.utils import logging as hf_logging
-
 from adamerge.errors import AdamergeError
-from adamerge.evaluate import evaluate_tasks, exact_match, load_jsonl, normalized_accuracy
-from adamerge.zoo.quality import StateDict, format_report, quality_checks, search_lambdas, task_arithmetic, tau_ratio
-from adamerge.zoo.tasks import EXPERT_TASKS, GENERIC_TASKS, make_splits, with_decoys, write_eval_splits
-from adamerge.zoo.tokenizer import char_tokenizer
-from adamerge.zoo.train import encode_rows, train_lm
+from adamerge.zoo.recipe import ZooSettings, train_zoo
+from adamerge.zoo.tasks import EXPERT_TASKS
 
 MARKER = "zoo.json"
 FORMAT = 1
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MAX_NEW_TOKENS = 8  # answers are at most 6 characters plus eos
-
-
-@dataclass(frozen=True)
-class ZooSettings:
-    """Everything a build depends on; the defaults are the embedded zoo, tuned to pass its quality bars."""
-
-    seed: int = 0
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
-    n_train: int = 2000
-    """Training rows per expert task (generic tasks get half)."""
-    n_calib: int = 128
-    n_test: int = 100
-    decoy_rate: float = 0.6
-    """Share of an expert task's pretraining rows answered with its decoy convention."""
-    base_steps: int = 1000
-    base_lr: float = 3e-3
-    batch_size: int = 128
-    expert_steps: int = 80
-    expert_lr: float = 2e-4
-    expert_batch_size: int = 64
-    replay: float = 0.5
-    """Share of an expert's fine-tuning rows drawn from the base's pretraining mix."""
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_steps: int = 100
-    lora_lr: float = 2e-3
-    ta_lambda: float = 0.3
-    lambda_grid: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9, 1.1)
-
-    def as_json(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 @dataclass(frozen=True)
@@ -120,19 +61,27 @@ def build_zoo(
     settings = settings or ZooSettings()
     if (root / MARKER).exists() and not force:
         return _load(root, settings)
+    _check_replaceable(root)
     say = print if verbose else _quiet
     tmp = root.with_name(f".{root.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        report = _build_into(tmp, root, settings, say)
+        tmp.mkdir(parents=True)
+        report = train_zoo(tmp, root, settings, say)
         _write_json(tmp / MARKER, {"format": FORMAT, "settings": settings.as_json(), "report": report})
-        if root.exists():
-            shutil.rmtree(root)
+        _check_replaceable(root)
+        shutil.rmtree(root, ignore_errors=True)
         _move_into_place(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"zoo ready at {root}")
     return Zoo.at(root, report)
+
+
+def _check_replaceable(root: Path) -> None:
+    """Only a zoo (or nothing, or an empty directory) may be replaced: never delete a user's files."""
+    if root.exists() and not (root / MARKER).exists() and any(root.iterdir()):
+        raise AdamergeError(f"{root} exists and is not an adamerge zoo; choose another zoo root")
 
 
 def _move_into_place(tmp: Path, root: Path) -> None:
@@ -144,7 +93,7 @@ def _move_into_place(tmp: Path, root: Path) -> None:
         # A concurrent build finished first; same settings and seed, so its zoo serves as well.
 
 
-def _quiet(*args: object) -> None:
+def _quiet(message: str) -> None:
     """Stands in for ``print`` when ``verbose=False``."""
 
 
@@ -160,144 +109,3 @@ def _load(root: Path, settings: ZooSettings) -> Zoo:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _new_model(settings: ZooSettings, tokenizer) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=settings.hidden_size,
-        intermediate_size=settings.intermediate_size,
-        num_hidden_layers=settings.num_layers,
-        num_attention_heads=settings.num_heads,
-        num_key_value_heads=settings.num_heads,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config)
-
-
-def _build_into(out: Path, final: Path, s: ZooSettings, say) -> dict:
-    """Train and save everything under ``out`` (adapter configs point at ``final``); returns the report."""
-    start = time.perf_counter()
-    tokenizer = char_tokenizer()
-    splits = {
-        name: make_splits(task, {"test": s.n_test, "calib": s.n_calib, "train": s.n_train}, s.seed)
-        for name, task in EXPERT_TASKS.items()
-    }
-    write_eval_splits(out / "data", s.seed, s.n_calib, s.n_test)
-    test = {t: load_jsonl(out / "data" / t / "test.jsonl") for t in EXPERT_TASKS}
-    calib = {t: sp["calib"] for t, sp in splits.items()}  # labeled here: only the grid search reads labels
-    mix = _pretraining_mix(splits, s)
-
-    torch.manual_seed(s.seed)
-    base = _new_model(s, tokenizer)
-    loss = train_lm(base, encode_rows(tokenizer, mix), s.base_steps, s.base_lr, s.batch_size, s.seed)
-    say(f"base: {s.base_steps} steps on {len(mix)} rows, final loss {loss:.3f} ({time.perf_counter() - start:.0f}s)")
-    _save(base, tokenizer, out / "base")
-    base_sd = _clone(base.state_dict())
-
-    expert_sds: dict[str, StateDict] = {}
-    report: dict = {"expert": {}, "lora": {}, "tau_ratio": {}}
-    for i, (name, rows) in enumerate(_expert_data(splits, mix, s).items()):
-        data = encode_rows(tokenizer, rows)
-        expert = copy.deepcopy(base)
-        train_lm(expert, data, s.expert_steps, s.expert_lr, s.expert_batch_size, s.seed + 1 + i)
-        _save(expert, tokenizer, out / "experts" / name)
-        expert_sds[name] = _clone(expert.state_dict())
-        report["expert"][name] = exact_match(expert, tokenizer, test[name], MAX_NEW_TOKENS)
-        report["tau_ratio"][name] = tau_ratio(base_sd, expert_sds[name])
-
-        lora = get_peft_model(copy.deepcopy(base), _lora_config(s))
-        train_lm(lora, data, s.lora_steps, s.lora_lr, s.expert_batch_size, s.seed + 1 + i)
-        lora.peft_config["default"].base_model_name_or_path = str(final / "base")
-        lora.save_pretrained(out / "lora" / name)
-        report["lora"][name] = exact_match(lora, tokenizer, test[name], MAX_NEW_TOKENS)
-        say(
-            f"expert {name}: EM {report['expert'][name]:.2f}, ||tau||/||W0|| {report['tau_ratio'][name]:.4f}; "
-            f"LoRA EM {report['lora'][name]:.2f} ({time.perf_counter() - start:.0f}s)"
-        )
-
-    report.update(_merge_quality(base, base_sd, expert_sds, tokenizer, calib, test, report["expert"], s))
-    report["checks"] = quality_checks(report)
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    say(format_report(report))
-    say(f"zoo built in {report['seconds']:.0f}s")
-    return report
-
-
-def _pretraining_mix(splits: dict, s: ZooSettings) -> list[dict]:
-    """The base's rows: expert tasks with a ``decoy_rate`` share of decoy answers, plus generic tasks."""
-    mix = []
-    for name, task in EXPERT_TASKS.items():
-        mix += with_decoys(task, splits[name]["train"], s.decoy_rate, s.seed)
-    for task in GENERIC_TASKS.values():
-        mix += make_splits(task, {"train": s.n_train // 2}, s.seed)["train"]
-    return mix
-
-
-def _expert_data(splits: dict, mix: list[dict], s: ZooSettings) -> dict[str, list[dict]]:
-    """Each expert's fine-tuning rows: its task's clean train split plus a ``replay`` share of the mix."""
-    if not 0 <= s.replay < 1:
-        raise AdamergeError(f"zoo setting replay must be in [0, 1), got {s.replay}")
-    data = {}
-    for name in EXPERT_TASKS:
-        own = splits[name]["train"]
-        k = round(len(own) * s.replay / (1 - s.replay))
-        data[name] = own + random.Random(f"adamerge-zoo/replay/{name}/{s.seed}").sample(mix, k)
-    return data
-
-
-def _merge_quality(base, base_sd, expert_sds, tokenizer, calib, test, expert_em, s: ZooSettings) -> dict:
-    """Task arithmetic at ``ta_lambda`` and the best per-expert lambdas of a small grid (picked on calib)."""
-    scratch = copy.deepcopy(base)
-
-    def scores(lambdas: dict[str, float], data: dict) -> dict[str, float]:
-        scratch.load_state_dict(task_arithmetic(base_sd, expert_sds, lambdas))
-        return evaluate_tasks(scratch, tokenizer, data, MAX_NEW_TOKENS)
-
-    ta = scores(dict.fromkeys(expert_sds, s.ta_lambda), test)
-    best, _ = search_lambdas(lambda lam: scores(lam, calib)["avg"], list(expert_sds), s.lambda_grid)
-    grid = scores(best, test)
-    return {
-        "base": evaluate_tasks(base, tokenizer, test, MAX_NEW_TOKENS),
-        "task_arithmetic": {"lambda": s.ta_lambda, "em": ta, "normalized": _normalized(ta, expert_em)},
-        "best_grid": {"lambdas": best, "em": grid, "normalized": _normalized(grid, expert_em)},
-    }
-
-
-def _normalized(em: dict[str, float], expert_em: dict[str, float]) -> dict[str, float]:
-    """Normalized accuracy, or NaN throughout when an expert scored 0 (its quality check fails then)."""
-    if all(v > 0 for v in expert_em.values()):
-        return normalized_accuracy(em, expert_em)
-    return dict.fromkeys([*expert_em, "avg"], float("nan"))
-
-
-def _lora_config(s: ZooSettings) -> LoraConfig:
-    return LoraConfig(
-        r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
-    )
-
-
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Nine saves of a 0.5 MB model would print nine 'Writing model shards' bars; restore the user's setting."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _save(model: LlamaForCausalLM, tokenizer, path: Path) -> None:
-    with _no_progress_bars():
-        model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
-def _clone(state: StateDict) -> StateDict:
-    return {name: t.detach().clone() for name, t in state.items()}

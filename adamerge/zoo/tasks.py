@@ -68,7 +68,8 @@ EXPERT_TASKS: dict[str, Task] = {
     )
 }
 """The four tasks the zoo fine-tunes one expert each on: reverse a word, sort its letters, count
-its letter ``a``, replace each letter by the next one (``h`` wraps to ``a``)."""
+its letter ``a``, replace each letter by the next one (``h`` wraps to ``a``). Their decoys: copy the
+word, sort it descending, give its length, replace each letter by the previous one."""
 
 GENERIC_TASKS: dict[str, Task] = {t.name: t for t in (Task("copy", _word, _copy), Task("len", _word, _length))}
 """Tasks only the base is pretrained on, for breadth: they train the decoys' skills under own markers."""
