@@ -39,15 +39,22 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
 def hydra_main(cfg: DictConfig) -> None:
     from pytorch_lightning.utilities.exceptions import SIGTERMException  # here: config errors stay fast
 
+    from adamerge.checkpointing import Interrupted
+
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     try:
+        duplicate = duplicate_experts(overrides)
+        if duplicate:
+            raise AdamergeError(duplicate)
         summary = {"status": "ok", "overrides": overrides, **execute(cfg, run_dir)}
-    except SIGTERMException:
-        print("adamerge: error: stopped by SIGTERM; resume with resume=RUN_DIR/checkpoints/interrupted.ckpt",
-              file=sys.stderr)
-        sys.exit(143)
+    except SIGTERMException as e:  # adamerge.checkpointing.Interrupted (SIGINT/SIGTERM) or Lightning's own
+        stopped = isinstance(e, Interrupted)
+        checkpoint = run_dir / "checkpoints" / "interrupted.ckpt"
+        message = str(e) if stopped else f"stopped by SIGTERM; resume with resume={checkpoint}"
+        print(f"adamerge: error: {message}", file=sys.stderr)
+        sys.exit(e.code if stopped else 143)
     except Exception as e:  # recorded for the sweep summary, then reported
         summary = {"status": "failed", "overrides": overrides, "error": f"{type(e).__name__}: {e}"}
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -69,12 +76,31 @@ OPEN_MAPPINGS = ("pool.experts.", "data.paths.", "eval.tests.", "objective.task_
                  "granularity.init.")
 
 
+def is_open_mapping_override(arg: str) -> bool:
+    """``pool.experts.NAME=X``, or a whole mapping as a dict literal: ``granularity.chunks={x*:4}``."""
+    key, eq, value = arg.partition("=")
+    return bool(eq) and (key.startswith(OPEN_MAPPINGS) or (f"{key}." in OPEN_MAPPINGS and value.startswith("{")))
+
+
 def open_mapping_overrides(argv: list[str]) -> list[str]:
     """Turn ``pool.experts.NAME=X`` into Hydra's add-or-override ``++pool.experts.NAME=X``.
 
     Everywhere else Hydra's struct mode stays strict, so a misspelled key is still an error.
     """
-    return [f"++{a}" if a.startswith(OPEN_MAPPINGS) and "=" in a else a for a in argv]
+    return [f"++{a}" if is_open_mapping_override(a) else a for a in argv]
+
+
+def duplicate_experts(argv: list[str]) -> str | None:
+    """Hydra keeps the last of ``pool.experts.a=X pool.experts.a=Y`` silently: an expert would be lost."""
+    seen: dict[str, str] = {}
+    for arg in argv:
+        key, eq, value = arg.lstrip("+").partition("=")
+        if not eq or not key.startswith("pool.experts."):
+            continue
+        if key in seen:
+            return f"{key} is given twice ({seen[key]} and {value}); give each expert its own name"
+        seen[key] = value
+    return None
 
 
 def main() -> None:

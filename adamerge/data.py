@@ -60,10 +60,14 @@ def load_task_examples(source: str | Mapping, fields: Sequence[str], task: str, 
         rows = load_jsonl(source)
     if not rows:
         raise AdamergeError(f"data for task {task!r} is empty")
-    missing = [f for f in fields if f not in rows[0]]
-    if missing:
-        raise AdamergeError(f"data for task {task!r} has no field {missing[0]!r} (it has {sorted(rows[0])})")
-    return rows[:limit] if limit else rows
+    rows = rows[:limit] if limit else rows
+    for i, row in enumerate(rows, 1):  # every row, so that a bad one fails here and not mid-training
+        if not isinstance(row, Mapping):
+            raise AdamergeError(f"data for task {task!r}: row {i} is not a JSON object")
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise AdamergeError(f"data for task {task!r}: row {i} has no field {missing[0]!r} (it has {sorted(row)})")
+    return rows
 
 
 class Examples(Dataset):

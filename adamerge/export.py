@@ -9,9 +9,11 @@ or a full disk leaves either the previous directory or the complete new one.
 from __future__ import annotations
 
 import ctypes
+import glob
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -96,6 +98,35 @@ def replace_dir(tmp: Path, target: Path) -> None:
     shutil.rmtree(old)
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` siblings whose writer process no longer runs.
+
+    A run killed while writing (or between the swap and the clean-up) leaves such a directory;
+    ``target`` itself is then the old or the new complete checkpoint. A live writer's are kept.
+    """
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)(?:-.*)?")
+    removed = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not path.is_symlink() and not process_alive(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d stale temporary director%s beside %s", len(removed), "y" if len(removed) == 1 else "ies",
+                 target)
+    return removed
+
+
 def copy_tokenizer(base_source: str | Path, into: Path, trust_remote_code: bool = False) -> bool:
     """Save the base's tokenizer beside the weights; a base without one is logged, not an error."""
     from transformers import AutoTokenizer
@@ -131,7 +162,8 @@ def save_folded(
     """
     target = check_output_dir(output_dir, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if base_source is not None:

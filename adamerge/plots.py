@@ -14,10 +14,7 @@ def coefficient_matrix(table: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 def coefficient_heatmap(table: Mapping[str, torch.Tensor], experts: Sequence[str]):
     """A matplotlib figure of the coefficient matrix, one row per expert."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless runs fall back to Agg; notebooks keep their inline backend
 
     matrix = coefficient_matrix(table).numpy()
     fig, ax = plt.subplots(figsize=(max(6, matrix.shape[1] * 0.12), 1 + 0.5 * len(experts)))

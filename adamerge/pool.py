@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ Source = str | Path | nn.Module | Callable[[], nn.Module]
 # Modules whose weight is stored (in_features, out_features) instead of nn.Linear's (out, in).
 INPUT_FIRST_MODULES = {"Conv1D"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # Task heads of classification models (BERT/RoBERTa/DistilBERT ``classifier``, decoders' ``score``).
 DEFAULT_HEADS = (r"^(classifier|score|pre_classifier)\.",)
 
@@ -195,6 +197,36 @@ class ExpertPool:
         if extra is not None:
             raise AdamergeError(f"expert {expert!r} has a tensor {extra!r} that the base does not have")
 
+    def check_tokenizers(self, base_tokenizer) -> list[str]:
+        """Warn about local experts that ship a tokenizer whose vocabulary differs from the base's.
+
+        Calibration data is tokenized with the base's tokenizer for every expert, so such an expert
+        sees other token ids than it was trained on. A warning, not an error: many experts ship no
+        tokenizer, and one that only adds tokens also fails the shape check of the embeddings.
+        Returns the names of the experts warned about.
+        """
+        from transformers import AutoTokenizer
+
+        base_vocab, mismatched = base_tokenizer.get_vocab(), []
+        for name, source in self.expert_sources.items():
+            if not isinstance(source, (str, Path)) or not is_local(source):
+                continue
+            path = Path(source).expanduser()
+            if not any((path / f).is_file() for f in TOKENIZER_FILES):
+                continue
+            try:
+                vocab = AutoTokenizer.from_pretrained(str(path), trust_remote_code=self.trust_remote_code).get_vocab()
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("expert %r: its tokenizer could not be read (%s); using the base's", name, e)
+                mismatched.append(name)
+                continue
+            if vocab != base_vocab:
+                log.warning("expert %r: its tokenizer's vocabulary differs from the base's (%d vs %d tokens, %d "
+                            "differ); calibration data is tokenized with the base's", name, len(vocab),
+                            len(base_vocab), len(set(vocab.items()) ^ set(base_vocab.items())))
+                mismatched.append(name)
+        return mismatched
+
     # ---- loading -------------------------------------------------------------------------
 
     def _load_model(self, source: Source, role: str) -> nn.Module:
@@ -242,6 +274,11 @@ class ExpertPool:
             kwargs["dtype"] = self.dtype
         try:
             return self.auto_class.from_pretrained(source, **kwargs)
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met more than tensors
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            why = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(e).__name__)
+            raise AdamergeError(f"{role}: {source!r} has a pickle that torch.load(weights_only=True) refuses: {why}") \
+                from e
         except (OSError, ValueError) as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if "trust_remote_code" in str(e):

@@ -108,6 +108,7 @@ def build_tokenizer(pool: ExpertPool, trust_remote_code: bool = False):
         raise AdamergeError(f"no tokenizer for the base {str(pool.base_source)!r}: {str(e).splitlines()[0]}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    pool.check_tokenizers(tok)
     return tok
 
 

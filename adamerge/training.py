@@ -73,6 +73,19 @@ class MergeModule(pl.LightningModule):
     def on_after_backward(self) -> None:
         self.objective.after_backward(self.merged)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss can still have a NaN/Inf gradient (an overflow in backward): stop before the
+        optimizer writes it into the coefficients. Skipped with a GradScaler (fp16), which skips such
+        steps. Only the coefficients are checked (an objective's extra tensors may be model-sized)."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = {k: p.grad for k, p in self.merged.granularity.raw.items() if p.grad is not None}
+        if grads and not torch.stack([torch.isfinite(g).all() for g in grads.values()]).all():
+            name = next(k for k, g in grads.items() if not torch.isfinite(g).all()).replace("/", ".")
+            raise NonFiniteLoss(f"the loss's gradient (coefficients of {name}) became non-finite at step "
+                                f"{self.global_step}; the last finite coefficients are saved in "
+                                "checkpoints/interrupted.ckpt")
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
             coef = torch.cat([c.flatten(1) for c in self.merged.granularity.table().values()], 1)

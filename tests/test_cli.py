@@ -173,7 +173,9 @@ def failures(zoo, tmp_path_factory):
         cwd = root / name.replace(" ", "_")
         cwd.mkdir()
         defaults = [f"output_dir={cwd / 'merged'}", f"hydra.run.dir={cwd / 'run'}", "trainer.max_steps=1", *QUIET]
-        procs[name] = (cwd, start([*zoo.cli_args(), *defaults, *args], cwd))
+        overridden = {a.split("=", 1)[0] for a in args}
+        base_args = [a for a in zoo.cli_args() if a.split("=", 1)[0] not in overridden]  # no key twice
+        procs[name] = (cwd, start([*base_args, *defaults, *args], cwd))
     return {name: (cwd, finish(proc)) for name, (cwd, proc) in procs.items()}
 
 
