@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,3 +26,6 @@ lint: install
 
 clean:
 	rm -rf $(VENV) outputs multirun
+
+bench: install
+	bash benchmarks/run_all.sh
