@@ -20,17 +20,21 @@ from adamerge.errors import AdamergeError
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file: one JSON object per non-empty line."""
+    """Rows of a JSON-lines file (blank lines skipped); parsed as data only, never evaluated."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise AdamergeError(f"data file {str(path)!r} does not exist")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise AdamergeError(f"{path}:{i} is not valid JSON: {e.msg}") from e
+    rows: list[dict] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AdamergeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise AdamergeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 

@@ -7,31 +7,13 @@ short greedy loop (left padding, explicit position ids, no KV cache: answers are
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from adamerge.data import load_jsonl  # noqa: F401  (re-exported: evaluation data are JSONL too)
 from adamerge.errors import AdamergeError
-
-
-def load_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSON-lines file (blank lines skipped); parsed as data only, never evaluated."""
-    rows: list[dict] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AdamergeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise AdamergeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
 
 
 def _device(model: nn.Module) -> torch.device:
