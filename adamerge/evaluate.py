@@ -12,8 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from adamerge.data import load_jsonl  # noqa: F401  (re-exported: evaluation data are JSONL too)
+from adamerge.data import left_pad, load_jsonl  # noqa: F401  (load_jsonl re-exported: evaluation data are JSONL too)
 from adamerge.errors import AdamergeError
+from adamerge.generation import greedy_continuations
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -28,39 +29,12 @@ def _pad_id(tokenizer) -> int:
     return pad
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask, padded on the left so every prompt ends at the last column."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
-    return ids, mask
-
-
 def _greedy_batch(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     device = _device(model)
-    ids, mask = _left_pad([tokenizer(p)["input_ids"] for p in prompts], _pad_id(tokenizer))
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = left_pad([torch.tensor(tokenizer(p)["input_ids"]) for p in prompts], _pad_id(tokenizer))
     eos = tokenizer.eos_token_id
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    new_tokens: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
-        # Positions count real tokens only, so a padded prompt sees the positions it would see alone.
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
-        token = logits[:, -1].argmax(-1)
-        new_tokens.append(token)
-        if eos is not None:
-            done |= token == eos
-        if done.all():
-            break
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    generated = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
-    return [tokenizer.decode(_until(seq, eos), skip_special_tokens=True) for seq in generated]
+    generated = greedy_continuations(model, ids.to(device), mask.to(device), max_new_tokens, eos)
+    return [tokenizer.decode(_until(seq.tolist(), eos), skip_special_tokens=True) for seq in generated]
 
 
 def _until(seq: list[int], eos: int | None) -> list[int]:
