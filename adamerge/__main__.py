@@ -55,7 +55,8 @@ def hydra_main(cfg: DictConfig) -> None:
         message = str(e) if stopped else f"stopped by SIGTERM; resume with resume={checkpoint}"
         print(f"adamerge: error: {message}", file=sys.stderr)
         sys.exit(e.code if stopped else 143)
-    except Exception as e:  # recorded for the sweep summary, then reported
+    except Exception as raised:  # recorded for the sweep summary, then reported
+        e = adamerge_cause(raised)
         summary = {"status": "failed", "overrides": overrides, "error": f"{type(e).__name__}: {e}"}
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
         if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -71,9 +72,18 @@ def hydra_main(cfg: DictConfig) -> None:
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
+def adamerge_cause(error: BaseException) -> BaseException:
+    """The AdamergeError behind ``error``, if any: OmegaConf re-raises one raised in a resolver (``${zoo:...}``
+    building a zoo) as an InterpolationResolutionError, which must still read as one line."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, AdamergeError):
+        cause = cause.__cause__ or cause.__context__
+    return cause or error
+
+
 # Mappings whose keys are the user's own names (tasks, globs): ``pool.experts.NAME=X`` may add a key.
 OPEN_MAPPINGS = ("pool.experts.", "data.paths.", "eval.tests.", "objective.task_weights.", "granularity.chunks.",
-                 "granularity.init.")
+                 "granularity.init.", "pool.zeroshot.classnames.", "pool.zeroshot.templates.")
 
 
 def is_open_mapping_override(arg: str) -> bool:

@@ -18,15 +18,17 @@ from collections.abc import Mapping
 import torch
 
 from adamerge.errors import AdamergeError
+from adamerge.pool import TensorInfo
 
 
-def tensor_importance(coefficients: Mapping[str, torch.Tensor], stacks: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Normalized importance ``w_p`` of each tensor from ``(K, 1)`` stage-1 coefficients and its stack."""
+def tensor_importance(coefficients: Mapping[str, torch.Tensor], sq_norms: Mapping[str, torch.Tensor],
+                      infos: Mapping[str, TensorInfo]) -> dict[str, float]:
+    """Normalized importance ``w_p`` of each tensor from ``(K, 1)`` stage-1 coefficients and the
+    squared norms ``||tau_{k,p}||_F^2`` (``TaskVectors.sq_norms``, LoRA factors never densified)."""
     raw = {}
-    for name, stack in stacks.items():
-        tau_norms = stack.float().flatten(1).norm(dim=1)  # (K,)
+    for name, sq in sq_norms.items():
         c = coefficients[name].float().abs().reshape(-1)
-        raw[name] = float((c * tau_norms).sum()) / math.sqrt(stack[0].numel())
+        raw[name] = float((c * sq.sqrt()).sum()) / math.sqrt(math.prod(infos[name].shape))
     total = sum(raw.values())
     if total <= 0:
         return {name: 1.0 / len(raw) for name in raw}

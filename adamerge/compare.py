@@ -20,14 +20,14 @@ from adamerge.evaluate import normalized_accuracy
 from adamerge.granularity import Task
 from adamerge.merged import MergedModel
 from adamerge.run import (
-    apply_preprocess,
     as_dict,
     build_pool,
     build_tokenizer,
     evaluate_merged,
     evaluate_model,
     is_causal,
-    parse_dtype,
+    prepare_task_vectors,
+    raw_task_vectors,
     run,
 )
 
@@ -84,8 +84,7 @@ def compare(cfg: DictConfig, run_dir: Path, compose=compose_method) -> dict[str,
     config = as_dict(cfg)
     eval_cfg = config["eval"]
     pool = build_pool(config["pool"])
-    raw = pool.task_vectors(dtype=parse_dtype(config["pool"].get("tv_dtype"), "pool.tv_dtype"),
-                            device=config["pool"].get("device"))
+    raw = raw_task_vectors(pool, config["pool"])
     tokenizer = build_tokenizer(pool, bool(config["pool"].get("trust_remote_code")))
     causal = is_causal(pool)
     tasks = list(raw.experts)
@@ -95,7 +94,7 @@ def compare(cfg: DictConfig, run_dir: Path, compose=compose_method) -> dict[str,
     for method in config["compare"]["methods"]:
         method_cfg = as_dict(compose(method["overrides"]))
         method_cfg["output_dir"] = None
-        tv = apply_preprocess(raw, method_cfg["pool"].get("preprocess") or {}, int(method_cfg.get("seed", 0)))
+        tv = prepare_task_vectors(raw, method_cfg["pool"], int(method_cfg.get("seed", 0)))
         log.info("method %s: %s", method["name"], " ".join(method["overrides"]))
         result = run(OmegaConf.create(method_cfg), run_dir / slug(method["name"]), pool, tv)
         rows[method["name"]] = {**result.metrics["after"], "time (s)": result.seconds}

@@ -1,6 +1,8 @@
-"""Calibration and labeled data per task: JSONL files or Hugging Face ``datasets``, tokenized with the base's tokenizer.
+"""Calibration and labeled data per task: JSONL files or Hugging Face ``datasets``, tokenized with the base's
+tokenizer, or, for vision models, images through the base's image processor.
 
-Files are read as data only (``json.loads``); nothing in them is evaluated. Every batch carries the
+Files are read as data only (``json.loads``); nothing in them is evaluated. A ``datasets`` split stays
+lazy (rows, and their images, are decoded when a batch needs them). Every batch carries the
 example indices so that objectives can look up cached teacher outputs.
 """
 
@@ -38,8 +40,8 @@ def load_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
-def load_hf_dataset(source: str, split: str = "train", name: str | None = None) -> list[dict]:
-    """A local ``datasets`` directory (``save_to_disk``) or a hub id with a config name and split."""
+def load_hf_dataset(source: str, split: str = "train", name: str | None = None):
+    """A local ``datasets`` directory (``save_to_disk``) or a hub id with a config name and split (lazy)."""
     import datasets
 
     path = Path(source).expanduser()
@@ -51,17 +53,27 @@ def load_hf_dataset(source: str, split: str = "train", name: str | None = None) 
             ds = datasets.load_dataset(source, name, split=split)
         except Exception as e:  # datasets raises many types for a missing/offline source
             raise AdamergeError(f"cannot load dataset {source!r} (split {split!r}): {str(e).splitlines()[0]}") from e
-    return [dict(row) for row in ds]
+    return ds
 
 
-def load_task_examples(source: str | Mapping, fields: Sequence[str], task: str, limit: int | None = None) -> list[dict]:
+def load_dataset_examples(source: Mapping, fields: Sequence[str], task: str, limit: int | None = None):
+    """``{dataset, split, name, columns: {old: new}}`` as a lazy ``datasets.Dataset`` holding ``fields``."""
+    ds = load_hf_dataset(source["dataset"], source.get("split", "train"), source.get("name"))
+    ds = ds.rename_columns({k: v for k, v in (source.get("columns") or {}).items() if k in ds.column_names})
+    if not len(ds):
+        raise AdamergeError(f"data for task {task!r} is empty")
+    missing = [f for f in fields if f not in ds.column_names]
+    if missing:
+        raise AdamergeError(f"data for task {task!r} has no field {missing[0]!r} (it has {sorted(ds.column_names)})")
+    return ds.select(range(min(limit, len(ds)))) if limit else ds
+
+
+def load_task_examples(source: str | Mapping, fields: Sequence[str], task: str,
+                       limit: int | None = None) -> Sequence[Mapping]:
     """Examples of one task from a JSONL path or ``{dataset, split}``, checked to hold ``fields``."""
     if isinstance(source, Mapping):
-        rows = load_hf_dataset(source["dataset"], source.get("split", "train"), source.get("name"))
-        rename = source.get("columns", {})
-        rows = [{rename.get(k, k): v for k, v in r.items()} for r in rows]
-    else:
-        rows = load_jsonl(source)
+        return load_dataset_examples(source, fields, task, limit)
+    rows = load_jsonl(source)
     if not rows:
         raise AdamergeError(f"data for task {task!r} is empty")
     rows = rows[:limit] if limit else rows
@@ -75,8 +87,8 @@ def load_task_examples(source: str | Mapping, fields: Sequence[str], task: str, 
 
 
 class Examples(Dataset):
-    def __init__(self, rows: Sequence[dict]) -> None:
-        self.rows = list(rows)
+    def __init__(self, rows: Sequence[Mapping]) -> None:
+        self.rows = rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -102,12 +114,22 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def is_image_processor(processor) -> bool:
+    return "pixel_values" in getattr(processor, "model_input_names", ())
+
+
+def rgb(image):
+    """Grayscale or RGBA images (MNIST, PNGs) as RGB, what CLIP-style processors expect."""
+    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+
+
 @dataclass
 class Collator:
     """Tokenize a list of ``(index, row)``: causal LMs are left-padded with explicit position ids.
 
     With ``answer_field`` set (supervised data) a causal LM sees prompt + answer + eos and
     ``labels`` mask the prompt and padding with -100; a classifier gets ``labels`` from ``label_field``.
+    ``tokenizer`` may be an image processor: the classifier's ``field`` then holds images.
     """
 
     tokenizer: object
@@ -123,13 +145,20 @@ class Collator:
         ids = self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"][-self.max_length :]
         return torch.tensor(ids, dtype=torch.long)
 
-    def __call__(self, items: Sequence[tuple[int, dict]]) -> dict[str, torch.Tensor]:
+    def classifier_inputs(self, values: Sequence) -> dict[str, torch.Tensor]:
+        """Images through the image processor, or text through the tokenizer (padded, truncated)."""
+        if is_image_processor(self.tokenizer):
+            images = self.tokenizer(images=[rgb(v) for v in values], return_tensors="pt")
+            return {"pixel_values": images["pixel_values"]}
+        enc = self.tokenizer(list(values), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def __call__(self, items: Sequence[tuple[int, Mapping]]) -> dict[str, torch.Tensor]:
         index = torch.tensor([i for i, _ in items])
         rows = [r for _, r in items]
         if not self.causal:
-            enc = self.tokenizer([r[self.field] for r in rows], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
-            batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "index": index}
+            batch = {**self.classifier_inputs([r[self.field] for r in rows]), "index": index}
             if self.label_field:
                 batch["labels"] = torch.tensor([int(r[self.label_field]) for r in rows])
             return batch

@@ -7,14 +7,16 @@ short greedy loop (left padding, explicit position ids, no KV cache: answers are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from adamerge.data import left_pad, load_jsonl  # noqa: F401  (load_jsonl re-exported: evaluation data are JSONL too)
+from adamerge.data import Collator, Examples, left_pad, load_jsonl  # noqa: F401  (load_jsonl re-exported)
 from adamerge.errors import AdamergeError
 from adamerge.generation import greedy_continuations
+from adamerge.objectives.base import model_inputs
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -99,23 +101,25 @@ def normalized_accuracy(scores: dict[str, float], expert_scores: dict[str, float
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, tokenizer, examples: Sequence[dict], batch_size: int = 128) -> float:
-    """Fraction of ``{"text", "label"}`` examples where a classifier's argmax logit is the integer label."""
-    if not examples:
+def accuracy(model: nn.Module, tokenizer, examples: Sequence[Mapping], batch_size: int = 128, field: str = "text",
+             label_field: str = "label") -> float:
+    """Fraction of examples where a classifier's argmax logit is the integer label.
+
+    ``tokenizer`` may be an image processor; ``field`` then holds images (``Collator``'s classifier inputs).
+    """
+    if not len(examples):
         raise AdamergeError("accuracy needs at least one example")
     device = _device(model)
     was_training = model.training
     model.eval()
+    collate = Collator(tokenizer, field=field, causal=False, label_field=label_field)
     try:
         hits = 0
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start : start + batch_size]
-            enc = tokenizer([ex["text"] for ex in batch], padding=True, return_tensors="pt").to(device)
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        for batch in DataLoader(Examples(examples), batch_size=batch_size, collate_fn=collate):
+            logits = model(**{k: v.to(device) for k, v in model_inputs(batch).items()}).logits
             if logits.dim() != 2:
                 raise AdamergeError(f"accuracy needs (batch, labels) logits of a classifier, got {tuple(logits.shape)}")
-            labels = torch.tensor([int(ex["label"]) for ex in batch], device=device)
-            hits += int((logits.argmax(-1) == labels).sum())
+            hits += int((logits.argmax(-1) == batch["labels"].to(device)).sum())
         return hits / len(examples)
     finally:
         model.train(was_training)

@@ -2,8 +2,10 @@
 
 Like peft's tuners it wraps a frozen model and can always hand back a plain one (``fold``). Each
 merged tensor is built once per forward as one fused reduction over the K experts (a GEMV when
-the granularity gives one scalar per expert), so autograd reads each task vector once more in
-backward to produce the coefficient gradient, and nothing else.
+the granularity gives one scalar per expert; one matmul over the concatenated ranks for LoRA
+factors), so autograd reads each task vector once more in backward to produce the coefficient
+gradient, and nothing else. Offloaded stacks (``pool.offload=cpu``) go through ``StreamedDelta``,
+which streams a stack in again for backward instead of keeping its device copy.
 """
 
 from __future__ import annotations
@@ -19,23 +21,102 @@ from torch.utils.checkpoint import checkpoint
 
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Granularity
-from adamerge.taskvectors import TaskVectors
+from adamerge.offload import HostStacks, Streamed
+from adamerge.taskvectors import LoraFactors, TaskVectors
+
+Source = torch.Tensor | LoraFactors | Streamed  # a dense (K, *shape) stack, LoRA factors, an offloaded stack
 
 
-def merge_tensor(w0: torch.Tensor, stack: torch.Tensor, coef: torch.Tensor, space: str = "task_vectors"):
-    """``W0 + sum_k c_k * tau_k`` (task-vector space) or ``sum_k c_k * (W0 + tau_k)`` (weight space).
+def fits_factors(coef_shape: torch.Size) -> bool:
+    """Coefficients constant along rows or along columns scale one LoRA factor; others need dense values."""
+    return coef_shape[1] == 1 or coef_shape[2] == 1
 
-    ``stack`` is ``(K, *w0.shape)``; ``coef`` broadcasts against it. One scalar per expert takes the
-    GEMV path, which never materializes a ``(K, *shape)`` temporary.
-    """
+
+def factor_operands(factors: LoraFactors, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` with ``a @ b = sum_k c_k B_k A_k``: row coefficients scale the columns of ``B_k``
+    (task, layer, row chunks), column coefficients the columns of ``A_k`` (DAM's per input
+    feature). Accumulates in the coefficients' (fp32) precision; the factors are small."""
+    per_slot = coef[factors.owner]  # (R, rows or 1, cols or 1)
+    dtype = torch.promote_types(factors.left.dtype, coef.dtype)
+    left, right = factors.left.to(dtype), factors.right.to(dtype)
+    if per_slot.shape[2] == 1:
+        return left * per_slot[:, :, 0].T, right
+    return left, right * per_slot[:, 0, :]
+
+
+def matmul_operands(source: torch.Tensor | LoraFactors, coef: torch.Tensor):
+    """``(a, b)`` whose product is ``sum_k c_k tau_k`` viewed 2-D, or None where it is elementwise."""
+    if isinstance(source, LoraFactors):
+        return factor_operands(source, coef)
+    k = source.shape[0]
+    if coef.numel() == k:  # one scalar per expert: a GEMV that never builds a (K, *shape) temporary
+        return coef.reshape(1, k).to(source.dtype), source.reshape(k, -1)
+    return None
+
+
+def task_delta(source: Source, coef: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``sum_k c_k * tau_k`` of shape ``shape``, differentiable in ``coef``."""
+    if isinstance(source, Streamed):
+        return StreamedDelta.apply(coef, source, shape)
+    operands = matmul_operands(source, coef)
+    if operands is None:  # type promotion: fp32 coefficients accumulate reduced-precision stacks in fp32
+        return (coef * source).sum(0)
+    return (operands[0] @ operands[1]).reshape(shape)
+
+
+def coefficient_grad(stack: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``<grad, tau_k>`` reduced to ``coef``'s broadcast shape: what autograd gives ``task_delta``."""
     k = stack.shape[0]
     if coef.numel() == k:
-        delta = (coef.reshape(1, k).to(stack.dtype) @ stack.reshape(k, -1)).reshape(w0.shape)
-    else:  # type promotion: fp32 coefficients accumulate reduced-precision stacks in fp32
-        delta = (coef * stack).sum(0)
+        return (grad.reshape(1, -1).to(stack.dtype) @ stack.reshape(k, -1).T).to(coef.dtype).reshape(coef.shape)
+    return (grad * stack).sum_to_size(coef.shape)
+
+
+class StreamedDelta(torch.autograd.Function):
+    """``sum_k c_k tau_k`` of an offloaded stack. Forward merges with a transient device copy;
+    backward streams the stack in again for ``<grad, tau_k>``, so autograd saves only the
+    coefficients and device memory does not grow with K (the recompute trade of activation
+    checkpointing, arXiv 1604.06174, applied to the task vectors)."""
+
+    @staticmethod
+    def forward(ctx, coef: torch.Tensor, source: Streamed, shape: torch.Size) -> torch.Tensor:
+        ctx.source = source
+        ctx.save_for_backward(coef)
+        return task_delta(source.fetch(step=1), coef, shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (coef,) = ctx.saved_tensors
+        return coefficient_grad(ctx.source.fetch(step=-1), grad, coef), None, None
+
+
+def merge_tensor(w0: torch.Tensor, stack: Source, coef: torch.Tensor, space: str = "task_vectors"):
+    """``W0 + sum_k c_k * tau_k`` (task-vector space) or ``sum_k c_k * (W0 + tau_k)`` (weight space).
+
+    ``stack`` is ``(K, *w0.shape)`` (or LoRA factors, or an offloaded stack); ``coef`` broadcasts
+    against it.
+    """
+    delta = task_delta(stack, coef, w0.shape)
     if space == "weights":
         return w0 * coef.sum(0).to(w0.dtype) + delta.to(w0.dtype)
     return w0 + delta.to(w0.dtype)
+
+
+def fold_tensor_(p: torch.Tensor, source: torch.Tensor | LoraFactors, coef: torch.Tensor, space: str) -> None:
+    """``merge_tensor`` written into ``p`` (which holds W0) in place. Where the delta is one matmul
+    in ``p``'s dtype, ``addmm_`` adds it without a full-size temporary (BENCHMARKS.md: fold of a
+    127M model 0.96 -> 0.37 s, peak +1116 -> +509 MB)."""
+    if space == "weights":
+        p.mul_(coef.sum(0).to(p.dtype))
+    operands = matmul_operands(source, coef)
+    if operands is not None and operands[0].dtype == operands[1].dtype == p.dtype:
+        p.view(operands[0].shape[0], -1).addmm_(*operands)
+    else:
+        p.add_(task_delta(source, coef, p.shape).to(p.dtype))
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "/")
 
 
 class MergedModel(nn.Module):
@@ -43,7 +124,8 @@ class MergedModel(nn.Module):
 
     Args:
         base: the base model; its parameters are W0 and stay frozen.
-        task_vectors: the stacks, one per merged tensor (names as in ``base.named_parameters()``).
+        task_vectors: the stacks (or LoRA factors), one per merged tensor (names as in
+            ``base.named_parameters()``); offloaded stacks stay in host memory, not in buffers.
         granularity: owns the coefficients; ``setup`` is called here for these experts and tensors.
         recompute: keep neither merged weights nor activations for backward; rebuild both there
             (activation checkpointing of the whole forward), for when the merged copy does not fit.
@@ -55,36 +137,73 @@ class MergedModel(nn.Module):
         self.recompute = recompute
         self.base = base.requires_grad_(False)
         self.experts = list(task_vectors.experts)
-        self.names = list(task_vectors.stacks)
+        self.names = task_vectors.names
         self.granularity = granularity
         granularity.setup(self.experts, [task_vectors.infos[n] for n in self.names])
-        self.task_vectors = nn.Module()  # a namespace so that .to(device) moves the stacks
-        for name, stack in task_vectors.stacks.items():
-            self.task_vectors.register_buffer(name.replace(".", "/"), stack, persistent=False)
+        unfit = [n for n in task_vectors.factors if not fits_factors(granularity.broadcast(n).shape)]
+        if unfit:
+            task_vectors = task_vectors.densified(
+                f"{type(granularity).__name__}'s coefficients vary along both axes of a matrix", unfit)
+        self.host = HostStacks(dict(task_vectors.stacks)) if task_vectors.offloaded else None
+        self.task_vectors = nn.Module()  # a namespace so that .to(device) moves the stacks (unless offloaded)
+        if self.host is None:
+            for name, stack in task_vectors.stacks.items():
+                self.task_vectors.register_buffer(_key(name), stack, persistent=False)
+        self.lora = nn.ModuleDict()  # tensor -> its LoRA factors (buffers left, right, owner)
+        for name, factors in task_vectors.factors.items():
+            self.lora[_key(name)] = nn.Module()
+            for field in ("left", "right", "owner"):
+                self.lora[_key(name)].register_buffer(field, getattr(factors, field), persistent=False)
         self.heads = nn.ModuleDict()  # expert -> its task head (frozen buffers), for classifiers
         for expert, head in task_vectors.heads.items():
-            self.heads[expert.replace(".", "/")] = nn.Module()
+            self.heads[_key(expert)] = nn.Module()
             for name, value in head.items():
-                self.heads[expert.replace(".", "/")].register_buffer(name.replace(".", "/"), value, persistent=False)
+                self.heads[_key(expert)].register_buffer(_key(name), value, persistent=False)
         self.head_configs = dict(task_vectors.head_configs)
         self._expert: int | None = None  # teacher mode: exactly this expert
         self._task: int | None = None  # whose head answers (classifiers)
 
+    def source(self, name: str) -> Source:
+        """Tensor ``name``'s task vectors as the merge reads them: stack, LoRA factors or offloaded stack."""
+        if _key(name) in self.lora:
+            m = self.lora[_key(name)]
+            return LoraFactors(m.left, m.right, m.owner, len(self.experts))
+        if self.host is not None:
+            return Streamed(self.host, name, self.base.get_parameter(name).device)
+        return getattr(self.task_vectors, _key(name))
+
     def stack(self, name: str) -> torch.Tensor:
-        return getattr(self.task_vectors, name.replace(".", "/"))
+        """The dense ``(K, *shape)`` stack (LoRA factors are densified for the caller)."""
+        source = self.source(name)
+        if isinstance(source, LoraFactors):
+            return source.dense()
+        return self.host.stacks[name] if isinstance(source, Streamed) else source
 
     def replace_stack(self, name: str, stack: torch.Tensor) -> None:
         """Swap in adjusted task vectors (DOGE); the old tensor is not modified, it may be shared."""
-        self.task_vectors.register_buffer(name.replace(".", "/"), stack, persistent=False)
+        if _key(name) in self.lora:
+            del self.lora[_key(name)]
+        if self.host is not None:
+            stacks = {**self.host.stacks, name: stack.cpu()}
+            self.host = HostStacks({n: stacks[n] for n in self.names if n in stacks})
+        else:
+            self.task_vectors.register_buffer(_key(name), stack, persistent=False)
+
+    def expert_delta(self, name: str, k: int) -> torch.Tensor:
+        """tau_k of one tensor, alone (teacher mode)."""
+        source = self.source(name)
+        if isinstance(source, LoraFactors):
+            return source.expert(k)
+        return self.host.row(name, k, source.device) if isinstance(source, Streamed) else source[k]
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """Merged value of every merged tensor (exactly expert k's in teacher mode)."""
         w0 = dict(self.base.named_parameters())
         if self._expert is not None:
-            weights = {n: w0[n] + self.stack(n)[self._expert].to(w0[n].dtype) for n in self.names}
+            weights = {n: w0[n] + self.expert_delta(n, self._expert).to(w0[n].dtype) for n in self.names}
         else:
             g = self.granularity
-            weights = {n: merge_tensor(w0[n], self.stack(n), g.broadcast(n), g.space) for n in self.names}
+            weights = {n: merge_tensor(w0[n], self.source(n), g.broadcast(n), g.space) for n in self.names}
         return {**weights, **self.head_weights()}
 
     def head_weights(self) -> dict[str, torch.Tensor]:
@@ -135,15 +254,26 @@ class MergedModel(nn.Module):
 
         With per-task heads and ``task`` given, the model has that expert's config (label names)
         and head; without ``task`` it keeps the base's head (use ``.base_model`` for the backbone).
+        Each merged tensor is written into the copy in place, one at a time (``fold_tensor_``).
         """
         if task is not None and len(self.heads):
             with self.task(task):
-                weights = self.merged_weights()
-            folded = type(self.base)(self.head_configs[self.experts[self.index(task)]]).to(self.base.dtype)
-            folded.load_state_dict({**self.base.state_dict(), **weights}, strict=True)
-            return folded.eval()
-        folded = copy.deepcopy(self.base)
-        params = dict(folded.named_parameters())
-        for name, value in self.merged_weights().items():
+                folded = type(self.base)(self.head_configs[self.experts[self.index(task)]]).to(self.base.dtype)
+                folded.load_state_dict({**self.base.state_dict(), **self.head_weights()}, strict=True)
+                return self._fold_into(folded).eval()
+        return self._fold_into(copy.deepcopy(self.base))
+
+    def _fold_into(self, folded: nn.Module) -> nn.Module:
+        """``folded`` holds W0 (and its head); add the merge (or expert k's task vectors) to it."""
+        params, g = dict(folded.named_parameters()), self.granularity
+        for name in self.names:
+            p = params[name]
+            if self._expert is not None:
+                p.add_(self.expert_delta(name, self._expert).to(p.device, p.dtype))
+                continue
+            source = self.source(name)
+            source = source.fetch() if isinstance(source, Streamed) else source
+            fold_tensor_(p, source.to(device=p.device), g.broadcast(name).to(p.device), g.space)
+        for name, value in self.head_weights().items():
             params[name].copy_(value)
         return folded

@@ -2,7 +2,8 @@
 
 Experts come from a local Hugging Face directory, a hub id, a PEFT LoRA adapter directory on top
 of the base, an in-memory ``nn.Module``, or a zero-argument callable that builds one. An expert is
-only ever materialized while its task vector is being written (see the memory model in DESIGN.md).
+only ever materialized while its task vector is being written (see the memory model in DESIGN.md);
+a LoRA adapter's task vectors stay its factors, never an (out x in) delta per expert.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from adamerge.errors import AdamergeError
 log = logging.getLogger(__name__)
 
 Source = str | Path | nn.Module | Callable[[], nn.Module]
+Factors = tuple[torch.Tensor, torch.Tensor]  # (left, right): a LoRA delta is left @ right
 
 # Modules whose weight is stored (in_features, out_features) instead of nn.Linear's (out, in).
 INPUT_FIRST_MODULES = {"Conv1D"}
@@ -88,6 +90,9 @@ class ExpertPool:
         heads: regexes marking per-task head parameters: never merged, may differ in shape across
             experts, each expert's kept beside the task vectors. Default: ``DEFAULT_HEADS`` for
             classification Auto classes, none otherwise.
+        task_model: ``(task, loaded model) -> model`` applied to the base (task ``None``) and to each
+            expert as it is loaded, e.g. ``adamerge.zeroshot.ZeroShotTasks`` (CLIP vision tower +
+            zero-shot head of that task).
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class ExpertPool:
         allow_pickle: bool = False,
         dtype: torch.dtype | None = None,
         heads: Sequence[str] | None = None,
+        task_model: Callable[[str | None, nn.Module], nn.Module] | None = None,
     ) -> None:
         if len(experts) < 1:
             raise AdamergeError("the pool needs at least one expert: set pool.experts.NAME=DIR_OR_ID")
@@ -118,6 +124,9 @@ class ExpertPool:
         for name, source in self.expert_sources.items():  # fail before any expert is loaded
             if isinstance(source, (str, Path)) and is_local(source):
                 self._check_local_source(Path(source).expanduser(), f"expert {name!r}")
+        self.task_model = task_model
+        if task_model is not None:
+            self.base = task_model(None, self.base).requires_grad_(False).eval()
         if heads is None:
             heads = DEFAULT_HEADS if "Classification" in self.auto_class.__name__ else ()
         self.head_names = [n for n, _ in self.base.named_parameters() if any(re.search(rx, n) for rx in heads)]
@@ -144,41 +153,77 @@ class ExpertPool:
             and not any(re.search(rx, name) for rx in exclude)
         ]
 
-    def iter_experts(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-        """Yield (name, merged and head parameters) for one expert at a time; the expert is dropped after.
+    def iter_experts(self) -> Iterator[tuple[str, dict[str, torch.Tensor], dict[str, Factors]]]:
+        """Yield (name, merged and head parameters, LoRA factors) for one expert at a time; it is dropped after.
 
-        The yielded dict is emptied when the next expert is requested: the caller's loop variable, or
-        an ``enumerate`` around this generator (it keeps its last result), cannot keep the previous
-        expert alive while the next one loads.
+        A LoRA adapter's targeted weights come as factors (``left @ right`` = its delta) and, of the
+        merged tensors, only those it changes otherwise (``modules_to_save``, trained biases); a
+        full expert gives every merged tensor. The yielded dicts are emptied when the next expert is
+        requested: the caller's loop variables, or an ``enumerate`` around this generator (it keeps
+        its last result), cannot keep the previous expert alive while the next one loads.
         """
+        base = dict(self.base.named_parameters())
         for name, source in self.expert_sources.items():
             expert = self._load_model(source, role=f"expert {name!r}")
-            params = dict(expert.named_parameters())
+            lora = is_adapter(source)
+            model, layers = unload_lora(expert, name) if lora else (expert, {})
+            if self.task_model is not None:
+                model = self.task_model(name, model)
+            factors = {f"{n}.weight": layers[id(m)] for n, m in model.named_modules() if id(m) in layers}
+            params = dict(model.named_parameters())
             self._check_matches_base(name, params)
-            self.expert_configs[name] = getattr(expert, "config", None)
-            tensors = {n: params[n].detach() for n in (*self.merged_names, *self.head_names)}
-            del expert, params
-            yield name, tensors
+            self.expert_configs[name] = getattr(model, "config", None)
+            changed = [n for n in self.merged_names if not (lora and torch.equal(params[n], base[n]))]
+            tensors = {n: params[n].detach() for n in (*changed, *self.head_names)}
+            del expert, model, params
+            yield name, tensors, factors
             tensors.clear()
-            del tensors
+            factors.clear()
+            del tensors, factors
 
-    def task_vectors(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
-        """Stack ``W_k - W0`` for every merged tensor into ``(K, *shape)``, one expert in memory at a time."""
+    def task_vectors(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                     pin_memory: bool = False):
+        """Task vectors of every merged tensor, one expert in memory at a time.
+
+        Dense stacks ``W_k - W0`` of shape ``(K, *shape)`` (zero rows for experts that leave a
+        tensor alone), LoRA factors where every expert changing a tensor is LoRA, and nothing for
+        a tensor no expert changes. ``pin_memory``: page-locked host stacks for ``pool.offload``.
+        """
         from adamerge.taskvectors import TaskVectors
 
-        base = dict(self.base.named_parameters())
-        stacks = {
-            n: torch.empty((len(self.expert_sources), *base[n].shape), dtype=dtype or base[n].dtype, device=device)
-            for n in self.merged_names
-        }
+        base, k_total = dict(self.base.named_parameters()), len(self.expert_sources)
+        stacks: dict[str, torch.Tensor] = {}
+        filled: dict[str, set[int]] = {}
+        parts: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         heads: dict[str, dict[str, torch.Tensor]] = {}
-        for k, (name, params) in enumerate(self.iter_experts()):
-            for n, stack in stacks.items():
-                stack[k].copy_(params[n].to(base[n].device) - base[n])
+        for k, (name, params, factors) in enumerate(self.iter_experts()):
+            for n in self.merged_names:
+                if n not in params:
+                    continue
+                if n not in stacks:
+                    stacks[n] = torch.empty((k_total, *base[n].shape), dtype=dtype or base[n].dtype, device=device,
+                                            pin_memory=pin_memory)
+                stacks[n][k].copy_(params[n].to(base[n].device) - base[n])
+                filled.setdefault(n, set()).add(k)
+            for n, (left, right) in factors.items():
+                kw = {"dtype": dtype or base[n].dtype, "device": device or base[n].device, "copy": True}
+                parts.setdefault(n, []).append((k, left.to(**kw), right.to(**kw)))
             if self.head_names:
                 heads[name] = {n: params[n].detach().clone().to(base[n].device) for n in self.head_names}
+        for n, stack in stacks.items():
+            for k in set(range(k_total)) - filled[n]:
+                stack[k].zero_()
+        mixed = [n for n in parts if n in stacks]
+        if mixed:
+            log.info("LoRA task vectors of %d tensor(s) densified: full experts change them too (factor space "
+                     "needs every expert changing a tensor to be LoRA)", len(mixed))
+        for n in mixed:
+            for k, left, right in parts.pop(n):
+                stacks[n][k].add_(left @ right)
         infos = {i.name: i for i in self.tensor_infos()}
-        return TaskVectors(self.expert_names, infos, stacks, heads, dict(self.expert_configs) if heads else {})
+        return TaskVectors(self.expert_names, infos, {n: stacks[n] for n in self.merged_names if n in stacks},
+                           heads, dict(self.expert_configs) if heads else {},
+                           factors={n: stack_factors(parts[n], k_total) for n in self.merged_names if n in parts})
 
     def _check_matches_base(self, expert: str, params: Mapping[str, torch.Tensor]) -> None:
         base = dict(self.base.named_parameters())
@@ -289,11 +334,63 @@ class ExpertPool:
             raise AdamergeError(f"{role}: cannot load {source!r}{where}: {first_line}") from e
 
     def _load_lora(self, path: Path) -> nn.Module:
-        """A LoRA expert = base + B A scaled, merged by peft itself into a private copy of the base."""
+        """A LoRA expert: peft's model of base + adapter on a private copy of the base, not merged."""
         from peft import PeftModel
 
         try:
-            peft_model = PeftModel.from_pretrained(copy.deepcopy(self.base), str(path), is_trainable=False)
+            return PeftModel.from_pretrained(copy.deepcopy(self.base), str(path), is_trainable=False)
         except (OSError, ValueError, RuntimeError) as e:
             raise AdamergeError(f"LoRA adapter {str(path)!r} does not fit the base: {e}") from e
-        return peft_model.merge_and_unload()
+
+
+def is_adapter(source: Source) -> bool:
+    """A PEFT adapter directory (what ``_load_lora`` reads)."""
+    return (isinstance(source, (str, Path)) and is_local(source)
+            and (Path(source).expanduser() / "adapter_config.json").exists())
+
+
+def unload_lora(peft_model: nn.Module, expert: str) -> tuple[nn.Module, dict[int, Factors]]:
+    """The model without its LoRA layers (``modules_to_save`` kept) and, by ``id`` of each targeted
+    module, its factors ``(left, right)``, ``left @ right`` being the adapter's delta to that
+    module's weight (arXiv 2106.09685).
+
+    Adapters that factors cannot express exactly (DoRA and other variants, ``lora_bias``, layers
+    other than Linear/Embedding) are merged by peft instead: dense task vectors, logged.
+    """
+    from peft.tuners.lora import Embedding, Linear, LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    odd = next((m for m in layers if type(m) not in (Linear, Embedding)
+                or any(m.lora_variant.get(a) or m.lora_bias.get(a) for a in m.active_adapters)), None)
+    if odd is not None:
+        log.info("expert %r: its LoRA layers (%s) cannot stay factors (DoRA, lora_bias or a layer other than "
+                 "Linear/Embedding); merged by peft into dense task vectors", expert, type(odd).__name__)
+        return peft_model.merge_and_unload(), {}
+    factors = {id(m.get_base_layer()): layer_factors(m) for m in layers}
+    return peft_model.unload(), factors
+
+
+def layer_factors(layer: nn.Module) -> Factors:
+    """``(left, right)`` of one LoRA layer: its active adapters' ranks side by side, scaling in ``left``.
+
+    peft's delta is ``B @ A * scaling``, transposed for Embedding and ``fan_in_fan_out`` (GPT-2's
+    Conv1D): then ``(A^T scaling) @ B^T``.
+    """
+    lefts, rights = [], []
+    for adapter in layer.active_adapters:
+        if adapter in getattr(layer, "lora_embedding_A", {}):
+            b, a, transposed = layer.lora_embedding_B[adapter], layer.lora_embedding_A[adapter], True
+        else:
+            b, a, transposed = layer.lora_B[adapter].weight, layer.lora_A[adapter].weight, layer.fan_in_fan_out
+        left, right = (a.T, b.T) if transposed else (b, a)
+        lefts.append(left.detach() * layer.scaling[adapter])
+        rights.append(right.detach())
+    return torch.cat(lefts, 1), torch.cat(rights, 0)
+
+
+def stack_factors(parts: Sequence[tuple[int, torch.Tensor, torch.Tensor]], num_experts: int):
+    """One tensor's ``LoraFactors`` from (expert index, left, right) of each LoRA expert changing it."""
+    from adamerge.taskvectors import LoraFactors
+
+    owner = torch.cat([torch.full((left.shape[1],), k, dtype=torch.long, device=left.device) for k, left, _ in parts])
+    return LoraFactors(torch.cat([p[1] for p in parts], 1), torch.cat([p[2] for p in parts], 0), owner, num_experts)

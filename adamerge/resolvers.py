@@ -1,26 +1,30 @@
 """OmegaConf resolvers of our own (code we ship, not user data): ``${zoo:base}``, ``${zoo:experts}``,
-``${zoo:lora}``, ``${zoo:calib}``, ``${zoo:test}`` build the offline expert zoo on first use and
-return its paths, so experiment configs can point at it."""
+``${zoo:lora}``, ``${zoo:calib}``, ``${zoo:test}`` build the offline LM zoo on first use and return
+its paths, so experiment configs can point at it; ``${zoo_text:...}`` does the same for the text zoo."""
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, partial
 
 from omegaconf import OmegaConf
 
+BUILDERS = {"zoo": "build_zoo", "zoo_text": "build_text_zoo"}
+"""Resolver name -> the ``adamerge.zoo`` function that builds (or reuses) that zoo."""
+
 
 @cache
-def zoo():
-    from adamerge.zoo import build_zoo
+def built(kind: str):
+    import adamerge.zoo
 
-    return build_zoo()
+    return getattr(adamerge.zoo, BUILDERS[kind])()
 
 
-def zoo_field(name: str):
-    value = getattr(zoo(), name)
+def zoo_field(kind: str, name: str):
+    value = getattr(built(kind), name)
     return {k: str(v) for k, v in value.items()} if isinstance(value, dict) else str(value)
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("zoo"):
-        OmegaConf.register_new_resolver("zoo", zoo_field)
+    for kind in BUILDERS:
+        if not OmegaConf.has_resolver(kind):
+            OmegaConf.register_new_resolver(kind, partial(zoo_field, kind))

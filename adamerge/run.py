@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from adamerge.allocation import allocate_chunks, tensor_importance
 from adamerge.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
-from adamerge.data import Collator, DataFree, TaskDataModule, load_jsonl, load_task_examples
+from adamerge.data import Collator, DataFree, TaskDataModule, load_task_examples
 from adamerge.errors import AdamergeError
 from adamerge.export import check_output_dir, copy_tokenizer, save_folded
 from adamerge.granularity import GRANULARITIES, Layer
@@ -72,13 +72,49 @@ def build_pool(cfg: Mapping) -> ExpertPool:
         cfg["base"], dict(cfg.get("experts") or {}), auto_class=cfg.get("auto_class", "AutoModelForCausalLM"),
         include=cfg.get("include") or (), exclude=cfg.get("exclude") or (),
         trust_remote_code=bool(cfg.get("trust_remote_code")), allow_pickle=bool(cfg.get("allow_pickle")),
-        dtype=parse_dtype(cfg.get("dtype"), "pool.dtype"), heads=cfg.get("heads"),
+        dtype=parse_dtype(cfg.get("dtype"), "pool.dtype"), heads=cfg.get("heads"), task_model=build_task_model(cfg),
     )
 
 
+def build_task_model(cfg: Mapping):
+    """``pool.zeroshot`` (class names and prompt templates per task): CLIP zero-shot heads; else none."""
+    if not cfg.get("zeroshot"):
+        return None
+    from adamerge.zeroshot import ZeroShotTasks
+
+    try:
+        return ZeroShotTasks(str(cfg["base"]), list(cfg.get("experts") or {}), **cfg["zeroshot"],
+                             trust_remote_code=bool(cfg.get("trust_remote_code")))
+    except TypeError as e:
+        raise AdamergeError(f"pool.zeroshot: {e}") from e
+
+
+def parse_offload(value: Any) -> bool:
+    """``pool.offload``: null (task vectors on ``pool.device``) or ``cpu`` (host memory, streamed)."""
+    if value in (None, False, "none"):
+        return False
+    if value != "cpu":
+        raise AdamergeError(f"pool.offload={value!r}; choose from null, cpu")
+    return True
+
+
 def build_task_vectors(pool: ExpertPool, cfg: Mapping, seed: int = 0) -> TaskVectors:
-    tv = pool.task_vectors(dtype=parse_dtype(cfg.get("tv_dtype"), "pool.tv_dtype"), device=cfg.get("device"))
-    return apply_preprocess(tv, cfg.get("preprocess") or {}, seed)
+    return prepare_task_vectors(raw_task_vectors(pool, cfg), cfg, seed)
+
+
+def raw_task_vectors(pool: ExpertPool, cfg: Mapping) -> TaskVectors:
+    """The pool's task vectors in ``pool.tv_dtype`` on ``pool.device`` (pinned host memory under offload)."""
+    offload = parse_offload(cfg.get("offload"))
+    if offload and cfg.get("device") not in (None, "cpu"):
+        raise AdamergeError(f"pool.offload=cpu keeps task vectors in host memory; unset pool.device={cfg['device']!r}")
+    return pool.task_vectors(dtype=parse_dtype(cfg.get("tv_dtype"), "pool.tv_dtype"), device=cfg.get("device"),
+                             pin_memory=offload and torch.cuda.is_available())
+
+
+def prepare_task_vectors(tv: TaskVectors, cfg: Mapping, seed: int = 0) -> TaskVectors:
+    """``pool.preprocess`` (TIES, DARE, ...) and then ``pool.offload``; ``tv`` itself is left untouched."""
+    tv = apply_preprocess(tv, cfg.get("preprocess") or {}, seed)
+    return tv.offload() if parse_offload(cfg.get("offload")) else tv
 
 
 def apply_preprocess(tv: TaskVectors, cfg: Mapping, seed: int = 0) -> TaskVectors:
@@ -98,9 +134,17 @@ def apply_preprocess(tv: TaskVectors, cfg: Mapping, seed: int = 0) -> TaskVector
 
 
 def build_tokenizer(pool: ExpertPool, trust_remote_code: bool = False):
+    """The base's tokenizer, or its image processor for a vision model (``main_input_name`` = pixel_values)."""
     if pool.base_source is None:
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if is_vision(pool):
+        try:
+            return AutoImageProcessor.from_pretrained(str(pool.base_source), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise AdamergeError(f"no image processor for the base {str(pool.base_source)!r}: "
+                                f"{str(e).splitlines()[0]}") from e
 
     try:
         tok = AutoTokenizer.from_pretrained(str(pool.base_source), trust_remote_code=trust_remote_code)
@@ -114,6 +158,11 @@ def build_tokenizer(pool: ExpertPool, trust_remote_code: bool = False):
 
 def is_causal(pool: ExpertPool) -> bool:
     return "CausalLM" in pool.auto_class.__name__
+
+
+def is_vision(pool: ExpertPool) -> bool:
+    """Models that read images (``main_input_name`` is ``pixel_values``): their data goes through an image processor."""
+    return getattr(pool.base, "main_input_name", None) == "pixel_values"
 
 
 def build_datamodule(cfg: Mapping, experts: list[str], tokenizer, objective: Objective, causal: bool,
@@ -166,16 +215,19 @@ class RunResult:
 
 def evaluate_model(model_for: Callable[[str], torch.nn.Module], tokenizer, cfg: Mapping, causal: bool
                    ) -> dict[str, float]:
-    """Score ``model_for(task)`` on each task of ``eval.tests``: exact match (generative) or accuracy."""
+    """Score ``model_for(task)`` on each task of ``eval.tests`` (JSONL or ``{dataset, split}``): exact match
+    (generative) or accuracy (classifiers, ``eval.field`` holding text or images, ``eval.label_field``)."""
     from adamerge.evaluate import accuracy, exact_match
 
-    tests = {t: load_jsonl(p)[: cfg.get("limit") or None] for t, p in (cfg.get("tests") or {}).items()}
+    field, label_field = cfg.get("field", "text"), cfg.get("label_field", "label")
+    fields = ["prompt", "answer"] if causal else [field, label_field]
+    tests = {t: load_task_examples(p, fields, t, cfg.get("limit")) for t, p in (cfg.get("tests") or {}).items()}
     if not tests:
         return {}
     batch_size = cfg.get("batch_size", 64)
     scores = {
         t: exact_match(model_for(t), tokenizer, rows, cfg.get("max_new_tokens", 16), batch_size) if causal
-        else accuracy(model_for(t), tokenizer, rows, batch_size)
+        else accuracy(model_for(t), tokenizer, rows, batch_size, field, label_field)
         for t, rows in tests.items()
     }
     return {**scores, "avg": sum(scores.values()) / len(scores)}
@@ -226,7 +278,7 @@ def chunk_allocation_stage(pool: ExpertPool, task_vectors: TaskVectors, gran_cfg
     stage1 = MergedModel(pool.base, task_vectors, Layer(**common), bool(config.get("recompute")))
     fit(stage1, objective, data, tokenizer, config, run_dir / "stage1", steps)
     table = stage1.granularity.table()
-    importance = tensor_importance(table, task_vectors.stacks)
+    importance = tensor_importance(table, task_vectors.sq_norms(), task_vectors.infos)
     rows = {n: (i.shape[0] if i.shape else 1) for n, i in task_vectors.infos.items()}
     counts = allocate_chunks(importance, int(gran_cfg["budget"]), rows)
     log.info("Expert Merging++ chunk allocation (budget %s): %s", gran_cfg["budget"], counts)
@@ -298,6 +350,20 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     return result
 
 
+def write_task_heads(merged: MergedModel, pool: ExpertPool, into: Path) -> None:
+    """Per-task heads in the task model's own compact form where it has one (``save_task_heads``: the
+    zero-shot CLIP heads), else one complete classifier per task."""
+    save_task_heads = getattr(merged.base, "save_task_heads", None)
+    if save_task_heads is None:
+        write_task_checkpoints(merged, pool, into)
+        return
+    heads = {}
+    for task in merged.experts:
+        with merged.task(task):
+            heads[task] = merged.head_weights()
+    save_task_heads(heads, merged.head_configs, into)
+
+
 def write_task_checkpoints(merged: MergedModel, pool: ExpertPool, into: Path) -> None:
     """``tasks/<task>/``: merged backbone + that task's head and label names, a complete checkpoint each."""
     for task in merged.experts:
@@ -319,7 +385,9 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
     def extra_files(tmp: Path) -> None:
         (tmp / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
         if heads:
-            write_task_checkpoints(merged, pool, tmp)
+            write_task_heads(merged, pool, tmp)
+        if is_vision(pool) and pool.base_source is not None:  # the base's image processor (text: its tokenizer)
+            build_tokenizer(pool, pool.trust_remote_code).save_pretrained(tmp)
 
     granularity = merged.granularity
     details = {"granularity": config["granularity"].get("name"), "space": granularity.space,
@@ -327,7 +395,7 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
                "steps": (config.get("trainer") or {}).get("max_steps", 0),
                "fold max |diff| (logits)": result.fold_max_diff}
     if heads:
-        details["tasks"] = ", ".join(f"tasks/{t}" for t in merged.experts)
+        details["tasks"] = getattr(merged.base, "heads_file", None) or ", ".join(f"tasks/{t}" for t in merged.experts)
     coefficients = {**result.coefficients, **objective.saved_tensors()}
     save_folded(
         folded, result.output_dir, base_source=pool.base_source,

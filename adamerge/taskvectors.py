@@ -1,12 +1,16 @@
 """Stacked task vectors ``tau[k] = W_k - W0`` and the classic preprocessing transforms on them.
 
-Each transform is a pure function on one stack of shape ``(K, *shape)`` and treats every expert's
-slice separately (per tensor, as peft and mergekit do), so they compose and stream per tensor.
+A merged tensor's task vectors are either a dense stack of shape ``(K, *shape)`` or, when every
+expert changing it is a LoRA adapter, the adapters' factors (``LoraFactors``), densified only where
+a consumer needs dense values (preprocessing, some granularities), with a log line saying so.
+Each transform is a pure function on one dense stack and treats every expert's slice separately
+(per tensor, as peft and mergekit do), so they compose and stream per tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -14,32 +18,106 @@ import torch
 from adamerge.errors import AdamergeError
 from adamerge.pool import TensorInfo
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """LoRA task vectors of one tensor (arXiv 2106.09685): ``tau_k = left[:, R_k] @ right[R_k]``.
+
+    ``R_k`` are the rank slots that expert k owns (``owner == k``); the adapters' ranks are
+    concatenated, so ``sum_k c_k tau_k = [c_1 B_1 | ... | c_K B_K] @ [A_1; ...; A_K]`` is one
+    matmul. The LoRA scaling is folded into ``left``; an expert without LoRA here owns no slot.
+    """
+
+    left: torch.Tensor  # (rows, R)
+    right: torch.Tensor  # (R, cols)
+    owner: torch.Tensor  # (R,) int64 expert index of each rank slot
+    num_experts: int
+
+    def expert(self, k: int) -> torch.Tensor:
+        """Expert k's dense ``(rows, cols)`` task vector (teacher mode, fallbacks)."""
+        slots = self.owner == k
+        return self.left[:, slots] @ self.right[slots]
+
+    def dense(self) -> torch.Tensor:
+        """The ``(K, rows, cols)`` stack these factors stand for."""
+        return torch.stack([self.expert(k) for k in range(self.num_experts)])
+
+    def sq_norms(self) -> torch.Tensor:
+        """``||tau_k||_F^2`` per expert without densifying: ``sum((L^T L) * (R R^T))`` over k's slots."""
+        left, right = self.left.float(), self.right.float()
+        gram = (left.T @ left) * (right @ right.T)
+        same = (self.owner[:, None] == self.owner[None, :]).to(gram.dtype)
+        per_slot = (gram * same).sum(1)
+        return torch.zeros(self.num_experts, device=gram.device).index_add_(0, self.owner, per_slot)
+
+    def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> LoraFactors:
+        return replace(self, left=self.left.to(dtype=dtype, device=device),
+                       right=self.right.to(dtype=dtype, device=device), owner=self.owner.to(device=device))
+
 
 @dataclass
 class TaskVectors:
-    """``stacks[name]`` has shape ``(K, *param.shape)``; row k belongs to ``experts[k]``."""
+    """``stacks[name]`` has shape ``(K, *param.shape)``; row k belongs to ``experts[k]``.
+
+    ``factors[name]`` holds a tensor's task vectors as LoRA factors instead (never both). A merged
+    tensor in neither has zero task vectors and is not merged. ``offloaded``: the stacks stay in
+    host memory and are streamed to the compute device per tensor (``pool.offload=cpu``).
+    """
 
     experts: list[str]
     infos: dict[str, TensorInfo]
     stacks: dict[str, torch.Tensor]
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # expert -> its task head
     head_configs: dict[str, object] = field(default_factory=dict)  # expert -> its config (label names)
+    factors: dict[str, LoraFactors] = field(default_factory=dict)
+    offloaded: bool = False
 
     @property
     def num_experts(self) -> int:
         return len(self.experts)
 
+    @property
+    def names(self) -> list[str]:
+        """Merged tensors with task vectors, in parameter order."""
+        return [n for n in self.infos if n in self.stacks or n in self.factors]
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TaskVectors:
         """Apply a stack -> stack function to every tensor (e.g. ``partial(ties, density=0.2)``)."""
-        return replace(self, stacks={n: fn(s) for n, s in self.stacks.items()})
+        dense = self.densified("preprocessing works on dense values")
+        return replace(dense, stacks={n: fn(s) for n, s in dense.stacks.items()})
+
+    def densified(self, why: str, names: Sequence[str] | None = None) -> TaskVectors:
+        """Dense stacks for the LoRA factors (of ``names``; default all), logged with ``why``: the
+        fallback where factors cannot serve."""
+        names = list(self.factors if names is None else names)
+        if not names:
+            return self
+        log.info("LoRA task vectors of %d tensor(s) densified: %s", len(names), why)
+        stacks = {**self.stacks, **{n: self.factors[n].dense() for n in names}}
+        return replace(self, stacks={n: stacks[n] for n in self.names if n in stacks},
+                       factors={n: f for n, f in self.factors.items() if n not in names})
 
     def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> TaskVectors:
-        return replace(self, stacks={n: s.to(dtype=dtype, device=device) for n, s in self.stacks.items()})
+        return replace(self, stacks={n: s.to(dtype=dtype, device=device) for n, s in self.stacks.items()},
+                       factors={n: f.to(dtype, device) for n, f in self.factors.items()})
+
+    def offload(self) -> TaskVectors:
+        """Stacks in host memory, pinned where CUDA can use that for asynchronous copies."""
+        pin = torch.cuda.is_available()
+        stacks = {n: s.cpu().pin_memory() if pin and not s.is_pinned() else s.cpu() for n, s in self.stacks.items()}
+        return replace(self, stacks=stacks, offloaded=True)
+
+    def sq_norms(self) -> dict[str, torch.Tensor]:
+        """Squared Frobenius norm of each expert's task vector per tensor, ``(K,)`` each."""
+        sq = {n: s.float().flatten(1).pow(2).sum(1) for n, s in self.stacks.items()}
+        sq.update({n: f.sq_norms() for n, f in self.factors.items()})
+        return {n: sq[n] for n in self.names}
 
     def norms(self) -> torch.Tensor:
         """Frobenius norm of each expert's whole task vector, shape ``(K,)``."""
-        sq = sum(s.float().flatten(1).pow(2).sum(1) for s in self.stacks.values())
-        return sq.sqrt()
+        return sum(self.sq_norms().values()).sqrt()
 
 
 def _check_fraction(name: str, value: float) -> None:

@@ -12,6 +12,7 @@ from tiny import build_module, quiet_trainer, tiny_parts, write_zoo
 from adamerge.allocation import allocate_chunks, tensor_importance
 from adamerge.data import DataFree
 from adamerge.errors import AdamergeError
+from adamerge.pool import TensorInfo
 
 GRANULARITIES = [{"name": "task"}, {"name": "layer"}, {"name": "block", "partitions": 2},
                  {"name": "chunk", "chunks": {"*": 2}}, {"name": "column"}]
@@ -57,11 +58,13 @@ def test_allocation_spends_the_budget_by_importance():
 
 def test_importance_grows_with_coefficients_and_task_vector_size():
     stacks = {"small": torch.full((2, 4, 4), 0.01), "large": torch.full((2, 4, 4), 0.1)}
+    sq_norms = {n: s.flatten(1).pow(2).sum(1) for n, s in stacks.items()}
+    infos = {n: TensorInfo(n, (4, 4), "matrix", 1) for n in stacks}
     coefficients = {"small": torch.ones(2, 1), "large": torch.ones(2, 1)}
-    importance = tensor_importance(coefficients, stacks)
+    importance = tensor_importance(coefficients, sq_norms, infos)
     assert importance["large"] > importance["small"] and abs(sum(importance.values()) - 1) < 1e-6
     coefficients["large"] = torch.zeros(2, 1)
-    assert tensor_importance(coefficients, stacks)["large"] == 0
+    assert tensor_importance(coefficients, sq_norms, infos)["large"] == 0
 
 
 def test_expert_merging_plus_plus_runs_two_stages_from_the_cli(tmp_path):

@@ -41,7 +41,7 @@ class Objective:
 
     def setup(self, merged: nn.Module, data, tokenizer=None) -> None:
         """Called once before training (teachers are cached here)."""
-        if tokenizer is not None:
+        if hasattr(tokenizer, "pad_token_id"):  # a tokenizer (not None, not an image processor)
             self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             self.eos_id = tokenizer.eos_token_id
 
@@ -89,7 +89,8 @@ def pack_rows(rows: Sequence[torch.Tensor], n_scored: Sequence[int], pad_id: int
 
 
 def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "token_type_ids") if k in batch}
+    keys = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "pixel_values")
+    return {k: batch[k] for k in keys if k in batch}
 
 
 def scored_logits(logits: torch.Tensor, p: int) -> torch.Tensor:

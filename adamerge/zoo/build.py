@@ -1,9 +1,10 @@
-"""Build (once) and cache the offline expert zoo: a tiny base, four experts, four LoRA adapters, data.
+"""Build (once) and cache the offline expert zoos: the LM zoo (a tiny base, four experts, four LoRA
+adapters, data; ``recipe.py``) and the text zoo (MiniLM classifiers, ``text_recipe.py``).
 
-Everything is trained in-process from seeded synthetic data (``recipe.py``), so the embedded
-default runs with no network. The zoo is built into a temporary sibling directory, its marker file
-is written last, and only then is the directory renamed into place: an interrupted build never
-looks complete, and a complete one is reused by every later call.
+Everything is trained in-process from seeded synthetic data, so the embedded defaults run with no
+network. A zoo is built into a temporary sibling directory, its marker file is written last, and
+only then is the directory renamed into place: an interrupted build never looks complete, and a
+complete one is reused by every later call.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from adamerge.errors import AdamergeError
 from adamerge.zoo.recipe import ZooSettings, train_zoo
 from adamerge.zoo.tasks import EXPERT_TASKS
+from adamerge.zoo.text_recipe import TextZooSettings, train_text_zoo
+from adamerge.zoo.text_tasks import TEXT_TASKS
 
 MARKER = "zoo.json"
 FORMAT = 1
@@ -35,13 +39,12 @@ class Zoo:
     report: dict
 
     @classmethod
-    def at(cls, root: Path, report: dict) -> Zoo:
-        tasks = list(EXPERT_TASKS)
+    def at(cls, root: Path, report: dict, tasks: Sequence[str] = tuple(EXPERT_TASKS), lora: bool = True) -> Zoo:
         return cls(
             root=root,
             base=root / "base",
             experts={t: root / "experts" / t for t in tasks},
-            lora={t: root / "lora" / t for t in tasks},
+            lora={t: root / "lora" / t for t in tasks} if lora else {},
             calib={t: root / "data" / t / "calib.jsonl" for t in tasks},
             test={t: root / "data" / t / "test.jsonl" for t in tasks},
             report=report,
@@ -53,12 +56,38 @@ def default_root() -> Path:
     return Path(os.environ.get("ADAMERGE_ZOO") or Path.home() / ".cache" / "adamerge" / "zoo-v1").expanduser()
 
 
+def default_text_root() -> Path:
+    """``$ADAMERGE_ZOO_TEXT`` if set, else ``~/.cache/adamerge/zoo-text-v1``."""
+    return Path(os.environ.get("ADAMERGE_ZOO_TEXT") or Path.home() / ".cache" / "adamerge" / "zoo-text-v1").expanduser()
+
+
 def build_zoo(
     root: str | Path | None = None, force: bool = False, verbose: bool = True, settings: ZooSettings | None = None
 ) -> Zoo:
     """The zoo at ``root``, built first if missing (or if ``force``); a complete one is reused as is."""
     root = Path(root).expanduser() if root is not None else default_root()
     settings = settings or ZooSettings()
+    report = build_cached(root, settings.as_json(), lambda tmp, say: train_zoo(tmp, root, settings, say), force,
+                          verbose)
+    return Zoo.at(root, report)
+
+
+def build_text_zoo(
+    root: str | Path | None = None, force: bool = False, verbose: bool = True, settings: TextZooSettings | None = None
+) -> Zoo:
+    """The text zoo (MiniLM classifiers, ``text_recipe.py``) at ``root``, built first if missing or ``force``."""
+    root = Path(root).expanduser() if root is not None else default_text_root()
+    settings = settings or TextZooSettings()
+    report = build_cached(root, settings.as_json(), lambda tmp, say: train_text_zoo(tmp, settings, say), force,
+                          verbose)
+    return Zoo.at(root, report, tuple(TEXT_TASKS), lora=False)
+
+
+def build_cached(
+    root: Path, settings: dict, train: Callable[[Path, Callable[[str], None]], dict], force: bool, verbose: bool
+) -> dict:
+    """Run ``train(tmp_dir, say)`` into a temporary sibling of ``root`` and move it into place; returns
+    its report. A complete zoo built with the same ``settings`` is reused, one with others refused."""
     if (root / MARKER).exists() and not force:
         return _load(root, settings)
     _check_replaceable(root)
@@ -67,15 +96,15 @@ def build_zoo(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        report = train_zoo(tmp, root, settings, say)
-        _write_json(tmp / MARKER, {"format": FORMAT, "settings": settings.as_json(), "report": report})
+        report = train(tmp, say)
+        _write_json(tmp / MARKER, {"format": FORMAT, "settings": settings, "report": report})
         _check_replaceable(root)
         shutil.rmtree(root, ignore_errors=True)
         _move_into_place(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"zoo ready at {root}")
-    return Zoo.at(root, report)
+    return report
 
 
 def _check_replaceable(root: Path) -> None:
@@ -97,14 +126,14 @@ def _quiet(message: str) -> None:
     """Stands in for ``print`` when ``verbose=False``."""
 
 
-def _load(root: Path, settings: ZooSettings) -> Zoo:
+def _load(root: Path, settings: dict) -> dict:
     meta = json.loads((root / MARKER).read_text())
-    if meta.get("format") != FORMAT or meta.get("settings") != settings.as_json():
+    if meta.get("format") != FORMAT or meta.get("settings") != settings:
         raise AdamergeError(
             f"the zoo at {root} was built with other settings or an older format; "
-            "rebuild it with build_zoo(..., force=True) or choose another root"
+            "rebuild it with force=True or choose another root"
         )
-    return Zoo.at(root, meta["report"])
+    return meta["report"]
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from adamerge.evaluate import normalized_accuracy
+
 StateDict = dict[str, torch.Tensor]
 
 EXPERT_MIN = 0.9
@@ -54,44 +56,61 @@ def search_lambdas(
     return best, best_score
 
 
+def normalized_or_nan(scores: dict[str, float], expert_scores: dict[str, float]) -> dict[str, float]:
+    """Normalized accuracy, or NaN throughout when an expert scored 0 (its quality check fails then)."""
+    if all(v > 0 for v in expert_scores.values()):
+        return normalized_accuracy(scores, expert_scores)
+    return dict.fromkeys([*expert_scores, "avg"], float("nan"))
+
+
 def quality_checks(report: dict) -> dict[str, bool]:
-    """Each bar by name, True where it holds (names say the bar, so a failing one reads as a reason)."""
+    """Each bar by name, True where it holds (names say the bar, so a failing one reads as a reason).
+
+    ``report["metric"]`` names the score (``EM``, exact match, by default); LoRA experts are checked if present.
+    """
     tasks = list(report["expert"])
-    expert, base, lora = report["expert"], report["base"], report["lora"]
+    metric = report.get("metric", "EM")
+    expert, base = report["expert"], report["base"]
     ta, grid = report["task_arithmetic"]["normalized"]["avg"], report["best_grid"]["normalized"]["avg"]
-    return {
-        f"every expert >= {EXPERT_MIN} EM on its task": all(expert[t] >= EXPERT_MIN for t in tasks),
-        f"base >= {BASE_GAP} EM below each expert": all(base[t] <= expert[t] - BASE_GAP for t in tasks),
+    checks = {
+        f"every expert >= {EXPERT_MIN} {metric} on its task": all(expert[t] >= EXPERT_MIN for t in tasks),
+        f"base >= {BASE_GAP} {metric} below each expert": all(base[t] <= expert[t] - BASE_GAP for t in tasks),
         f"task arithmetic keeps {TA_NORMALIZED[0]}-{TA_NORMALIZED[1]} normalized": (
             TA_NORMALIZED[0] <= ta <= TA_NORMALIZED[1]
         ),
         f"best grid beats task arithmetic by >= {GRID_MARGIN}": grid >= ta + GRID_MARGIN,
-        f"every LoRA expert >= {LORA_MIN} EM on its task": all(lora[t] >= LORA_MIN for t in tasks),
-        f"every ||tau||/||W0|| <= {TAU_RATIO_MAX}": all(r <= TAU_RATIO_MAX for r in report["tau_ratio"].values()),
     }
+    if "lora" in report:
+        checks[f"every LoRA expert >= {LORA_MIN} {metric} on its task"] = all(
+            report["lora"][t] >= LORA_MIN for t in tasks
+        )
+    checks[f"every ||tau||/||W0|| <= {TAU_RATIO_MAX}"] = all(r <= TAU_RATIO_MAX for r in report["tau_ratio"].values())
+    return checks
 
 
 def format_report(report: dict) -> str:
     """The report as a small table, one row per model, one column per task."""
     tasks = list(report["expert"])
+    metric = report.get("metric", "EM")
     ta, grid = report["task_arithmetic"], report["best_grid"]
     lam = ", ".join(f"{t}={v:g}" for t, v in grid["lambdas"].items())
     rows = [
-        ("base EM", report["base"]),
-        ("expert EM (own task)", report["expert"]),
-        ("LoRA expert EM (own task)", report["lora"]),
-        (f"task arithmetic {ta['lambda']:g} EM", ta["em"]),
-        ("best grid EM", grid["em"]),
+        (f"base {metric}", report["base"]),
+        (f"expert {metric} (own task)", report["expert"]),
+        *([(f"LoRA expert {metric} (own task)", report["lora"])] if "lora" in report else []),
+        (f"task arithmetic {ta['lambda']:g} {metric}", ta["em"]),
+        (f"best grid {metric}", grid["em"]),
         (f"task arithmetic {ta['lambda']:g} normalized", ta["normalized"]),
         ("best grid normalized", grid["normalized"]),
         ("||tau||/||W0||", report["tau_ratio"]),
     ]
     width = max(len(name) for name, _ in rows)
-    lines = [" " * width + "".join(f"{t:>8}" for t in [*tasks, "avg"])]
+    column = max(8, *(len(t) + 1 for t in tasks))
+    lines = [" " * width + "".join(f"{t:>{column}}" for t in [*tasks, "avg"])]
     for name, values in rows:
         cells = [values[t] for t in tasks]
         avg = values.get("avg", sum(cells) / len(cells))
-        lines.append(f"{name:<{width}}" + "".join(f"{v:8.3f}" for v in [*cells, avg]))
+        lines.append(f"{name:<{width}}" + "".join(f"{v:{column}.3f}" for v in [*cells, avg]))
     lines.append(f"best grid lambdas (picked on calib): {lam}")
     lines += [f"[{'ok' if held else 'FAILED'}] {bar}" for bar, held in report["checks"].items()]
     return "\n".join(lines)

@@ -18,22 +18,28 @@ import dataclasses
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.utils import logging as hf_logging
 
 from adamerge.errors import AdamergeError
-from adamerge.evaluate import evaluate_tasks, exact_match, load_jsonl, normalized_accuracy
-from adamerge.zoo.quality import StateDict, format_report, quality_checks, search_lambdas, task_arithmetic, tau_ratio
+from adamerge.evaluate import evaluate_tasks, exact_match, load_jsonl
+from adamerge.zoo.quality import (
+    StateDict,
+    format_report,
+    normalized_or_nan,
+    quality_checks,
+    search_lambdas,
+    task_arithmetic,
+    tau_ratio,
+)
 from adamerge.zoo.tasks import EXPERT_TASKS, GENERIC_TASKS, make_splits, with_decoys, write_eval_splits
 from adamerge.zoo.tokenizer import char_tokenizer
-from adamerge.zoo.train import encode_rows, train_lm
+from adamerge.zoo.train import clone_state, encode_rows, save_quietly, train_lm
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_NEW_TOKENS = 8  # answers are at most 6 characters plus eos
@@ -107,8 +113,8 @@ def train_zoo(out: Path, final: Path, s: ZooSettings, say: Callable[[str], None]
     base = _new_model(s, tokenizer)
     loss = train_lm(base, encode_rows(tokenizer, mix), s.base_steps, s.base_lr, s.batch_size, s.seed)
     say(f"base: {s.base_steps} steps on {len(mix)} rows, final loss {loss:.3f} ({time.perf_counter() - start:.0f}s)")
-    _save(base, tokenizer, out / "base")
-    base_sd = _clone(base.state_dict())
+    save_quietly(base, tokenizer, out / "base")
+    base_sd = clone_state(base.state_dict())
 
     expert_sds: dict[str, StateDict] = {}
     report: dict = {"expert": {}, "lora": {}, "tau_ratio": {}}
@@ -116,8 +122,8 @@ def train_zoo(out: Path, final: Path, s: ZooSettings, say: Callable[[str], None]
         data = encode_rows(tokenizer, rows)
         expert = copy.deepcopy(base)
         train_lm(expert, data, s.expert_steps, s.expert_lr, s.expert_batch_size, s.seed + 1 + i)
-        _save(expert, tokenizer, out / "experts" / name)
-        expert_sds[name] = _clone(expert.state_dict())
+        save_quietly(expert, tokenizer, out / "experts" / name)
+        expert_sds[name] = clone_state(expert.state_dict())
         report["expert"][name] = exact_match(expert, tokenizer, test[name], MAX_NEW_TOKENS)
         report["tau_ratio"][name] = tau_ratio(base_sd, expert_sds[name])
 
@@ -174,41 +180,12 @@ def _merge_quality(base, base_sd, expert_sds, tokenizer, calib, test, expert_em,
     grid = scores(best, test)
     return {
         "base": evaluate_tasks(base, tokenizer, test, MAX_NEW_TOKENS),
-        "task_arithmetic": {"lambda": s.ta_lambda, "em": ta, "normalized": _normalized(ta, expert_em)},
-        "best_grid": {"lambdas": best, "em": grid, "normalized": _normalized(grid, expert_em)},
+        "task_arithmetic": {"lambda": s.ta_lambda, "em": ta, "normalized": normalized_or_nan(ta, expert_em)},
+        "best_grid": {"lambdas": best, "em": grid, "normalized": normalized_or_nan(grid, expert_em)},
     }
-
-
-def _normalized(em: dict[str, float], expert_em: dict[str, float]) -> dict[str, float]:
-    """Normalized accuracy, or NaN throughout when an expert scored 0 (its quality check fails then)."""
-    if all(v > 0 for v in expert_em.values()):
-        return normalized_accuracy(em, expert_em)
-    return dict.fromkeys([*expert_em, "avg"], float("nan"))
 
 
 def _lora_config(s: ZooSettings) -> LoraConfig:
     return LoraConfig(
         r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
     )
-
-
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Nine saves of a 0.5 MB model would print nine 'Writing model shards' bars; restore the user's setting."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _save(model: LlamaForCausalLM, tokenizer, path: Path) -> None:
-    with _no_progress_bars():
-        model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
-def _clone(state: StateDict) -> StateDict:
-    return {name: t.detach().clone() for name, t in state.items()}
