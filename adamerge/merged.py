@@ -19,6 +19,11 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers < 5
+    from transformers.modeling_utils import no_init_weights
+
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Granularity
 from adamerge.offload import HostStacks, Streamed
@@ -162,6 +167,7 @@ class MergedModel(nn.Module):
         self.head_configs = dict(task_vectors.head_configs)
         self._expert: int | None = None  # teacher mode: exactly this expert
         self._task: int | None = None  # whose head answers (classifiers)
+        self._shared: dict[str, torch.Tensor] | None = None  # one step's merge, reused by every task (merge_once)
 
     def source(self, name: str) -> Source:
         """Tensor ``name``'s task vectors as the merge reads them: stack, LoRA factors or offloaded stack."""
@@ -197,14 +203,34 @@ class MergedModel(nn.Module):
         return self.host.row(name, k, source.device) if isinstance(source, Streamed) else source[k]
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
-        """Merged value of every merged tensor (exactly expert k's in teacher mode)."""
-        w0 = dict(self.base.named_parameters())
+        """Merged value of every merged tensor (exactly expert k's in teacher mode), plus the task's head."""
         if self._expert is not None:
+            w0 = dict(self.base.named_parameters())
             weights = {n: w0[n] + self.expert_delta(n, self._expert).to(w0[n].dtype) for n in self.names}
         else:
-            g = self.granularity
-            weights = {n: merge_tensor(w0[n], self.source(n), g.broadcast(n), g.space) for n in self.names}
+            weights = self.merge()
         return {**weights, **self.head_weights()}
+
+    def merge(self) -> dict[str, torch.Tensor]:
+        """``W0 + sum_k c_k tau_k`` of every merged tensor (inside ``merge_once``: the step's one merge)."""
+        if self._shared is not None:
+            return self._shared
+        w0, g = dict(self.base.named_parameters()), self.granularity
+        return {n: merge_tensor(w0[n], self.source(n), g.broadcast(n), g.space) for n in self.names}
+
+    @contextmanager
+    def merge_once(self) -> Iterator[MergedModel]:
+        """Within the block every forward reuses one merge: a training step over T tasks' batches
+        then reduces each tensor's task vectors once, not T times, and backward reads them once.
+        Not with ``recompute``, whose point is to keep no merged weights between forward and backward."""
+        if self.recompute or self._shared is not None:
+            yield self
+            return
+        self._shared = self.merge()
+        try:
+            yield self
+        finally:
+            self._shared = None
 
     def head_weights(self) -> dict[str, torch.Tensor]:
         """The current task's head (teacher mode: the expert's own); none without heads or task."""
@@ -257,7 +283,7 @@ class MergedModel(nn.Module):
         Each merged tensor is written into the copy in place, one at a time (``fold_tensor_``).
         """
         if task is not None and len(self.heads):
-            with self.task(task):
+            with self.task(task), no_init_weights():  # every weight is loaded next: skip the random init
                 folded = type(self.base)(self.head_configs[self.experts[self.index(task)]]).to(self.base.dtype)
                 folded.load_state_dict({**self.base.state_dict(), **self.head_weights()}, strict=True)
                 return self._fold_into(folded).eval()

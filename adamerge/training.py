@@ -55,11 +55,12 @@ class MergeModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Mapping[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
-        for task, task_batch in batch.items():
-            with self.merged.task(task) if task in self.merged.experts else nullcontext():
-                loss = self.objective.task_loss(self.merged, task, task_batch)
-            total = total + self.objective.task_weights.get(task, 1.0) * loss
-            self.log(f"loss/{task}", loss, batch_size=len(next(iter(task_batch.values()))))
+        with self.merged.merge_once():  # one merge per step, shared by every task's batch
+            for task, task_batch in batch.items():
+                with self.merged.task(task) if task in self.merged.experts else nullcontext():
+                    loss = self.objective.task_loss(self.merged, task, task_batch)
+                total = total + self.objective.task_weights.get(task, 1.0) * loss
+                self.log(f"loss/{task}", loss, batch_size=len(next(iter(task_batch.values()))))
         reg = self.objective.regularizer(self.merged)
         if reg is not None:
             total = total + reg

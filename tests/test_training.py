@@ -103,6 +103,29 @@ def test_task_weights_scale_each_task_loss(parts):
     assert total == pytest.approx(3.0 * parts_["add"] + parts_["rev"], rel=1e-6)
 
 
+@pytest.mark.parametrize("objective", ["entropy-generated", "align"])
+def test_a_step_merges_once_for_all_tasks_with_the_same_gradient(parts, objective, monkeypatch):
+    import adamerge.merged
+
+    _, data, module = build_module(parts, {"name": "layer"}, OBJECTIVES[objective][0])
+    batch = {t: next(iter(data.loader(t, shuffle=False))) for t in data.datasets}
+    coefficients = list(module.merged.granularity.raw.values())
+    per_task = torch.zeros(())
+    for task, task_batch in batch.items():  # without merge_once: one merge per task
+        with module.merged.task(task):
+            per_task = per_task + module.objective.task_loss(module.merged, task, task_batch)
+    expected = torch.autograd.grad(per_task, coefficients)
+
+    merges = []
+    merge_tensor = adamerge.merged.merge_tensor
+    monkeypatch.setattr(adamerge.merged, "merge_tensor", lambda *a: merges.append(1) or merge_tensor(*a))
+    total = module.training_step(batch, 0)
+    assert len(merges) == len(module.merged.names)  # one reduction per tensor, for both tasks
+    assert float(total) == pytest.approx(float(per_task), rel=1e-6)
+    for got, want in zip(torch.autograd.grad(total, coefficients), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_nonfinite_loss_stops_training(parts):
     merged, data, module = build_module(parts, {"name": "task"}, {"name": "entropy"})
     with torch.no_grad():
