@@ -19,11 +19,6 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-try:
-    from transformers.initialization import no_init_weights
-except ImportError:  # transformers < 5
-    from transformers.modeling_utils import no_init_weights
-
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Granularity
 from adamerge.offload import HostStacks, Streamed
@@ -118,6 +113,15 @@ def fold_tensor_(p: torch.Tensor, source: torch.Tensor | LoraFactors, coef: torc
         p.view(operands[0].shape[0], -1).addmm_(*operands)
     else:
         p.add_(task_delta(source, coef, p.shape).to(p.dtype))
+
+
+def no_init_weights():
+    """transformers' switch that skips the random init of a model whose every weight is loaded next."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _key(name: str) -> str:
