@@ -321,6 +321,9 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     output_dir = config.get("output_dir")
     if output_dir:
         check_output_dir(output_dir, bool(config.get("overwrite")))
+    if (config.get("objective") or {}).get("name") == "projected" and parse_offload(config["pool"].get("offload")):
+        raise AdamergeError("objective=projected (DOGE) rewrites the task vectors themselves, next to the "
+                            "coefficients; it does not take pool.offload=cpu")
     pl.seed_everything(seed, workers=True, verbose=False)
     pool = pool or build_pool(config["pool"])
     task_vectors = task_vectors or build_task_vectors(pool, config["pool"], seed)

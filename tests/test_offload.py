@@ -93,3 +93,16 @@ def test_offload_config(llama_family):
         build_task_vectors(pool, {"offload": "gpu"})
     with pytest.raises(AdamergeError, match="unset pool.device='cuda'"):
         build_task_vectors(pool, {"offload": "cpu", "device": "cuda"})
+
+
+def test_projected_objective_refuses_offload_before_loading_anything(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from adamerge.run import run
+
+    overrides = ["objective=projected", "pool.offload=cpu", f"pool.base={tmp_path / 'missing'}",
+                 "+pool.experts.a=./a", "output_dir=null", "logger=none"]
+    with initialize_config_module("adamerge.conf", version_base=None):
+        cfg = compose("config", overrides=overrides)
+    with pytest.raises(AdamergeError, match=r"objective=projected \(DOGE\) .* does not take pool.offload=cpu"):
+        run(cfg, tmp_path)
