@@ -114,6 +114,12 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments in a collated batch (not its ``index`` or ``labels``)."""
+    keys = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "pixel_values")
+    return {k: batch[k] for k in keys if k in batch}
+
+
 def is_image_processor(processor) -> bool:
     return "pixel_values" in getattr(processor, "model_input_names", ())
 

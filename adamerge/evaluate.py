@@ -13,10 +13,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adamerge.data import Collator, Examples, left_pad, load_jsonl  # noqa: F401  (load_jsonl re-exported)
+from adamerge.data import Collator, Examples, left_pad, load_jsonl, model_inputs  # noqa: F401  (load_jsonl re-exported)
 from adamerge.errors import AdamergeError
 from adamerge.generation import greedy_continuations
-from adamerge.objectives.base import model_inputs
 
 
 def _device(model: nn.Module) -> torch.device:

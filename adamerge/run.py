@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from adamerge.allocation import allocate_chunks, tensor_importance
 from adamerge.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
-from adamerge.data import Collator, DataFree, TaskDataModule, load_task_examples
+from adamerge.data import Collator, DataFree, TaskDataModule, load_task_examples, model_inputs
 from adamerge.errors import AdamergeError
 from adamerge.export import check_output_dir, copy_tokenizer, save_folded
 from adamerge.granularity import GRANULARITIES, Layer
@@ -244,7 +244,6 @@ def evaluate_merged(merged: MergedModel, tokenizer, cfg: Mapping, causal: bool) 
 @torch.no_grad()
 def fold_difference(merged: MergedModel, folded, batch: Mapping[str, torch.Tensor]) -> float:
     """Max |logits(folded) - logits(merged)| on one batch: the fold's self-check."""
-    from adamerge.objectives.base import model_inputs
 
     inputs = {k: v.to(merged.base.device) for k, v in model_inputs(batch).items()}
     return (folded(**inputs).logits.float() - merged(**inputs).logits.float()).abs().max().item()

@@ -111,7 +111,9 @@ class TaskVectors:
 
     def sq_norms(self) -> dict[str, torch.Tensor]:
         """Squared Frobenius norm of each expert's task vector per tensor, ``(K,)`` each."""
-        sq = {n: s.float().flatten(1).pow(2).sum(1) for n, s in self.stacks.items()}
+        # fp32 accumulation without an fp32 (or squared) copy of the stack
+        sq = {n: torch.linalg.vector_norm(s.flatten(1), dim=1, dtype=torch.float32).square()
+              for n, s in self.stacks.items()}
         sq.update({n: f.sq_norms() for n, f in self.factors.items()})
         return {n: sq[n] for n in self.names}
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from adamerge.data import model_inputs
 from adamerge.objectives.base import (
     Objective,
     is_causal_batch,
     masked_mean,
-    model_inputs,
     pack_rows,
     scored_logits,
 )

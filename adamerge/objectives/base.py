@@ -88,11 +88,6 @@ def pack_rows(rows: Sequence[torch.Tensor], n_scored: Sequence[int], pad_id: int
     return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask)}, scored
 
 
-def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    keys = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "pixel_values")
-    return {k: batch[k] for k in keys if k in batch}
-
-
 def scored_logits(logits: torch.Tensor, p: int) -> torch.Tensor:
     """``(B, P, V)`` logits of the scored positions; a classifier's ``(B, C)`` becomes ``(B, 1, C)``."""
     return logits[:, None] if logits.dim() == 2 else logits[:, -p:]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from adamerge.objectives.base import Objective, model_inputs
+from adamerge.data import model_inputs
+from adamerge.objectives.base import Objective
 
 
 class CrossEntropy(Objective):

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from adamerge.data import model_inputs
 from adamerge.objectives.base import (
     Objective,
     entropy,
     is_causal_batch,
     masked_mean,
-    model_inputs,
     pack_rows,
     scored_logits,
 )
