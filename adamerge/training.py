@@ -30,13 +30,15 @@ def build_optimizer(params, name: str = "adamw", lr: float = 1e-3, betas=(0.9, 0
     return optimizers[name](params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 
-def build_schedule(optimizer, schedule: str = "none", max_steps: int = 1, t_0: int = 10, eta_min: float = 0.0, **_):
+def build_schedule(optimizer, schedule: str = "none", max_steps: int = 1, t_0: int = 10, t_mult: int = 1,
+                   eta_min: float = 0.0, **_):
+    """Per-step schedule; ``cosine_warm_restarts`` restarts after t_0, t_0 * t_mult, ... steps."""
     if schedule == "none":
         return None
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(max_steps, 1), eta_min=eta_min)
     if schedule == "cosine_warm_restarts":
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=t_0, eta_min=eta_min)
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=t_0, T_mult=t_mult, eta_min=eta_min)
     raise AdamergeError(f"optim.schedule={schedule!r}; choose from none, cosine, cosine_warm_restarts")
 
 
