@@ -293,6 +293,9 @@ def build_merged(pool: ExpertPool, task_vectors: TaskVectors, config: Mapping, o
     """
     gran_cfg = dict(config["granularity"])
     budget, stage1_steps = gran_cfg.pop("budget", None), gran_cfg.pop("stage1_steps", None)
+    per_tensor = gran_cfg.pop("budget_per_tensor", None)
+    if per_tensor and not budget:  # a budget that needs no knowledge of the model: a multiple of its tensor count
+        budget = round(float(per_tensor) * len(task_vectors.infos))
     if not budget:
         granularity = construct(GRANULARITIES, "granularity", gran_cfg)
         return MergedModel(pool.base, task_vectors, granularity, bool(config.get("recompute"))), max_steps
