@@ -118,19 +118,8 @@ def prepare_task_vectors(tv: TaskVectors, cfg: Mapping, seed: int = 0) -> TaskVe
 
 
 def apply_preprocess(tv: TaskVectors, cfg: Mapping, seed: int = 0) -> TaskVectors:
-    """``pool.preprocess``: method plus the options that method takes (others are ignored)."""
-    import inspect
-
-    from adamerge.taskvectors import PREPROCESSORS
-
-    method = cfg.get("method", "none")
-    if method in (None, "none"):
-        return tv
-    if method not in PREPROCESSORS:
-        raise AdamergeError(f"pool.preprocess.method={method!r}; choose from none, {', '.join(PREPROCESSORS)}")
-    accepted = inspect.signature(PREPROCESSORS[method]).parameters
-    options = {k: v for k, v in cfg.items() if k in accepted and k not in ("stack", "generator")}
-    return preprocess(tv, method, seed=seed, **options)
+    """``pool.preprocess`` (``taskvectors.Preprocess``; a misspelled key is an error that names it)."""
+    return preprocess(tv, seed=seed, **cfg)
 
 
 def build_tokenizer(pool: ExpertPool, trust_remote_code: bool = False):

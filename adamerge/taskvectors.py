@@ -10,7 +10,7 @@ Each transform is a pure function on one dense stack and treats every expert's s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -122,15 +122,54 @@ class TaskVectors:
         return sum(self.sq_norms().values()).sqrt()
 
 
+# ---- preprocessing: sparsify each expert, optionally elect signs, optionally normalize --------------
+#
+# Two conventions, one switch (``pool.preprocess.convention``):
+# - ``paper``: the papers' released code. TIES follows its reference (prateeky2806/ties-merging,
+#   src/ties_minimal.ipynb ``topk_values_mask``/``resolve_sign``/``disjoint_merge``; FusionBench
+#   fusion_bench/method/ties_merging/ties_merging_utils.py): one threshold over each expert's whole
+#   flattened task vector, the ``k = n - int(density n)``-th smallest |tau| kept with everything
+#   above it, the sign elected on the unweighted trimmed sum (an exact 0 takes the sign that the
+#   elected signs mostly have), the disjoint mean dividing by the number of agreeing experts.
+#   DARE rescales by 1/(1-p), DELLA by 1/p_keep (arXiv 2311.03099 Sec. 4.1, 2406.11617 Sec. 3.1).
+# - ``mergekit``: mergekit 0.1.5 (mergekit/sparsify.py, merge_methods/generalized_task_arithmetic.py):
+#   per tensor, ``max(1, int(density n))`` kept, breadcrumbs ``int()`` counts, signs elected on the
+#   *weighted* deltas (+ on an exact 0), normalization by the agreeing experts' weights, DARE/DELLA
+#   rescaled to keep each expert's L1 norm, DELLA ranking within rows.
+# The per-expert weights are the task coefficients the merge will use (``pool.preprocess.weights``,
+# by default ``granularity.init``), so ``W0 + sum_k w_k tau'_k`` is mergekit's merge with ``lambda=1``.
+
+CONVENTIONS = ("paper", "mergekit")
+SCOPES = ("tensor", "model")
+# method -> (sparsifier, sign consensus); the names are mergekit's merge methods
+METHODS: dict[str, tuple[str, bool]] = {
+    "ties": ("magnitude", True),
+    "dare": ("random", False),
+    "dare_linear": ("random", False),
+    "dare_ties": ("random", True),
+    "breadcrumbs": ("outliers", False),
+    "breadcrumbs_ties": ("outliers", True),
+    "della": ("magprune", True),
+    "della_linear": ("magprune", False),
+}
+RANDOM = ("random", "magprune")
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: below this norm nothing is rescaled
+
+
 def _check_fraction(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise AdamergeError(f"{name}={value} must be within [0, 1]")
 
 
-def integer_ranks(stack: torch.Tensor) -> torch.Tensor:
-    """Rank of |tau| within each expert's slice, 0 (smallest) .. n - 1, shape of ``stack``."""
-    flat = stack.flatten(1).abs()
-    return flat.argsort(dim=1, stable=True).argsort(dim=1).view_as(stack)
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise AdamergeError(f"pool.preprocess.convention={convention!r}; choose from {list(CONVENTIONS)}")
+
+
+def integer_ranks(stack: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Rank of |tau| along ``dim`` of each expert's flattened slice, 0 (smallest) .. n - 1, shape of ``stack``."""
+    flat = stack.flatten(1).abs() if dim == 1 else stack.abs()
+    return flat.argsort(dim=dim, stable=True).argsort(dim=dim).view_as(stack)
 
 
 def magnitude_ranks(stack: torch.Tensor) -> torch.Tensor:
@@ -139,89 +178,274 @@ def magnitude_ranks(stack: torch.Tensor) -> torch.Tensor:
     return integer_ranks(stack).to(torch.float32) / max(n - 1, 1)
 
 
-def keep_top(stack: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``round(density * n)`` largest-magnitude entries of each expert's slice, zero the rest."""
+def row_ranks(stack: torch.Tensor) -> torch.Tensor:
+    """mergekit's DELLA ranks: within each row (dim 1 of a tensor; a 1-D tensor is one row), in [0, 1]."""
+    rows = stack.view(stack.shape[0], 1, -1) if stack.dim() < 3 else stack
+    return (integer_ranks(rows, dim=2).to(torch.float32) / max(rows.shape[2] - 1, 1)).view_as(stack)
+
+
+def l1_rescaled(stack: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """mergekit's ``rescaled_masked_tensor`` with the L1 norm: each expert's kept entries scaled back
+    to the L1 norm its slice had (left alone where either norm is below 1e-7)."""
+    before = stack.abs().flatten(1).sum(1)
+    after = kept.abs().flatten(1).sum(1)
+    scale = torch.where((before < L1_EPS) | (after < L1_EPS), torch.ones_like(before), before / after)
+    return kept * scale.view(-1, *[1] * (stack.dim() - 1)).to(kept.dtype)
+
+
+def keep_top(stack: torch.Tensor, density: float, convention: str = "paper") -> torch.Tensor:
+    """TIES' trim: the largest-magnitude entries of each expert's slice, the rest zeroed.
+
+    paper: entries at or above the ``n - int(density n)``-th smallest |tau| (``int(density n) + 1``
+    of distinct values; all at density 1). mergekit: the ``max(1, int(density n))`` largest; none at 0.
+    """
     _check_fraction("density", density)
     n = stack[0].numel()
-    return torch.where(integer_ranks(stack) >= n - round(density * n), stack, torch.zeros_like(stack))
+    if density >= 1.0 or n == 0:
+        return stack
+    if convention == "mergekit":
+        if density <= 0.0:
+            return torch.zeros_like(stack)
+        keep = integer_ranks(stack) >= n - max(1, int(density * n))
+    else:
+        flat = stack.flatten(1).abs()
+        kth = flat.kthvalue(max(n - int(density * n), 1), dim=1, keepdim=True).values
+        keep = (flat >= kth).view_as(stack)
+    return torch.where(keep, stack, torch.zeros_like(stack))
 
 
-def ties(stack: torch.Tensor, density: float = 0.2, disjoint_mean: bool = False) -> torch.Tensor:
-    """TIES-Merging (arXiv 2306.01708, Sec. 3): trim, elect sign, keep entries that agree.
+def breadcrumbs(stack: torch.Tensor, density: float = 0.9, gamma: float = 0.01,
+                convention: str = "paper") -> torch.Tensor:
+    """Model Breadcrumbs (arXiv 2312.06795, Sec. 3): drop both tails of the magnitude distribution.
 
-    The elected sign of an entry is the sign of the sum of the trimmed values. With
-    ``disjoint_mean`` every kept entry is divided by the number of experts that kept it, so the sum
-    over experts is the paper's disjoint mean; without it the stack feeds learned coefficients
-    directly (AdaMerging++, arXiv 2310.02575).
+    The ``gamma`` fraction of largest entries (outliers) and everything below the next ``density``
+    fraction are zeroed, per expert slice. paper: ``round()`` counts, ``density + gamma <= 1``.
+    mergekit: ``int(density n)`` kept, ``int(gamma n)`` outliers, fewer outliers dropped where both
+    do not fit, the whole slice kept at density 1.
     """
-    trimmed = keep_top(stack, density)
-    elected = torch.sign(trimmed.sum(0, keepdim=True))
-    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-    kept = torch.where(agree, trimmed, torch.zeros_like(trimmed))
-    if disjoint_mean:
-        kept = kept / agree.sum(0, keepdim=True).clamp(min=1).to(kept.dtype)
-    return kept
+    _check_fraction("density", density)
+    _check_fraction("gamma", gamma)
+    n = stack[0].numel()
+    ranks = integer_ranks(stack)
+    if convention == "mergekit":
+        if density >= 1.0:
+            return stack
+        kept = int(density * n)
+        bottom = max(0, n - kept - int(gamma * n))
+        keep = (ranks >= bottom) & (ranks < bottom + kept)
+    else:
+        if density + gamma > 1.0:
+            raise AdamergeError(f"breadcrumbs needs density + gamma <= 1, got {density} + {gamma}")
+        top = n - round(gamma * n)  # ranks >= top are the outliers
+        keep = (ranks < top) & (ranks >= top - round(density * n))
+    return torch.where(keep, stack, torch.zeros_like(stack))
 
 
-def dare(stack: torch.Tensor, p: float = 0.9, generator: torch.Generator | None = None) -> torch.Tensor:
-    """DARE (arXiv 2311.03099, Sec. 4.1): drop each entry with probability p, rescale the rest by 1/(1-p)."""
+def uniform_draw(stack: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The random contract of DARE and DELLA: one ``torch.rand(stack.shape, generator)`` per stack (on
+    the CPU, then moved), so that a seed gives the same masks on any device."""
+    return torch.rand(stack.shape, generator=generator).to(stack.device)
+
+
+def dare(stack: torch.Tensor, p: float = 0.9, generator: torch.Generator | None = None,
+         convention: str = "paper", rescale: bool = True) -> torch.Tensor:
+    """DARE (arXiv 2311.03099, Sec. 4.1): drop each entry with probability p (kept where the uniform
+    draw is ``>= p``), rescale the rest: paper by 1/(1-p), mergekit to the slice's L1 norm."""
     _check_fraction("p", p)
-    if p == 1.0:
+    if p <= 0.0:
+        return stack
+    if p >= 1.0:
         return torch.zeros_like(stack)
-    keep = torch.rand(stack.shape, generator=generator).to(stack.device) >= p
-    return torch.where(keep, stack / (1.0 - p), torch.zeros_like(stack))
+    kept = torch.where(uniform_draw(stack, generator) >= p, stack, torch.zeros_like(stack))
+    if not rescale:
+        return kept
+    return l1_rescaled(stack, kept) if convention == "mergekit" else kept / (1.0 - p)
 
 
-def della(
-    stack: torch.Tensor, density: float = 0.3, epsilon: float = 0.1, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def della(stack: torch.Tensor, density: float = 0.3, epsilon: float = 0.1, generator: torch.Generator | None = None,
+          convention: str = "paper", rescale: bool = True) -> torch.Tensor:
     """DELLA's MagPrune (arXiv 2406.11617, Sec. 3.1): larger entries are kept with higher probability.
 
-    Keep probabilities rise linearly with the magnitude rank from ``density - epsilon`` to
-    ``density + epsilon``; each kept entry is rescaled by ``1 / p_keep`` so the expectation is unchanged.
+    Keep probabilities rise linearly with the magnitude rank (paper: over the slice; mergekit: within
+    each row) from ``density - epsilon`` to ``density + epsilon``; an entry is kept where the uniform
+    draw is below it. Kept entries are rescaled: paper by 1/p_keep (the expectation is unchanged),
+    mergekit to the slice's L1 norm.
     """
     _check_fraction("density", density)
     if not epsilon >= 0.0:  # a negative epsilon would keep small entries more often than large ones
         raise AdamergeError(f"della needs epsilon >= 0, got {epsilon}")
-    if not (density - epsilon > 0.0 and density + epsilon <= 1.0):
-        raise AdamergeError(f"della needs 0 < density - epsilon and density + epsilon <= 1, got {density}, {epsilon}")
-    p_keep = density - epsilon + 2 * epsilon * magnitude_ranks(stack)
-    keep = torch.rand(stack.shape, generator=generator).to(stack.device) < p_keep
-    return torch.where(keep, stack / p_keep.to(stack.dtype), torch.zeros_like(stack))
+    if convention == "mergekit" and (density >= 1.0 or density <= 0.0):
+        return stack if density >= 1.0 else torch.zeros_like(stack)
+    inside = density - epsilon > 0.0 and (density + epsilon < 1.0 if convention == "mergekit" else
+                                          density + epsilon <= 1.0)
+    if not inside:
+        raise AdamergeError(f"della needs 0 < density - epsilon and density + epsilon <= 1 (mergekit: < 1), "
+                            f"got {density}, {epsilon}")
+    ranks = row_ranks(stack) if convention == "mergekit" else magnitude_ranks(stack)
+    p_keep = (density - epsilon) + ranks * 2 * epsilon
+    kept = torch.where(uniform_draw(stack, generator) < p_keep, stack, torch.zeros_like(stack))
+    if not rescale:
+        return kept
+    return l1_rescaled(stack, kept) if convention == "mergekit" else kept / p_keep.to(stack.dtype)
 
 
-def breadcrumbs(stack: torch.Tensor, density: float = 0.9, gamma: float = 0.01) -> torch.Tensor:
-    """Model Breadcrumbs (arXiv 2312.06795, Sec. 3): drop both tails of the magnitude distribution.
+def agreeing(sparse: torch.Tensor, weights: torch.Tensor | None = None, convention: str = "paper") -> torch.Tensor:
+    """TIES' sign election: which entries agree with the elected sign (zeros never do).
 
-    The ``gamma`` fraction of largest entries (outliers) and everything below the next ``density``
-    fraction are zeroed, per expert slice.
+    paper: the sign of the trimmed sum; an exact 0 takes the sign of the sum of all elected signs of
+    the stack (``resolve_zero_signs``). mergekit: the sign of the sum of the *weighted* deltas, + on 0.
     """
-    _check_fraction("density", density)
-    _check_fraction("gamma", gamma)
-    if density + gamma > 1.0:
-        raise AdamergeError(f"breadcrumbs needs density + gamma <= 1, got {density} + {gamma}")
-    n = stack[0].numel()
-    top = n - round(gamma * n)  # ranks >= top are the outliers
-    ranks = integer_ranks(stack)
-    keep = (ranks < top) & (ranks >= top - round(density * n))
-    return torch.where(keep, stack, torch.zeros_like(stack))
+    if convention == "mergekit":
+        weighted = sparse * _expert_view(weights, sparse)
+        elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(sparse.dtype)
+        return torch.sign(weighted) == elected
+    elected = torch.sign(sparse.sum(0))
+    elected = torch.where(elected == 0, torch.sign(elected.sum()), elected)
+    return torch.where(elected > 0, sparse > 0, sparse < 0)
 
 
-PREPROCESSORS: dict[str, Callable[..., torch.Tensor]] = {
-    "ties": ties,
-    "dare": dare,
-    "della": della,
-    "breadcrumbs": breadcrumbs,
-}
+def _expert_view(weights: torch.Tensor | None, stack: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` weights (default 1 each) viewed to broadcast against a ``(K, *shape)`` stack."""
+    if weights is None:
+        weights = torch.ones(stack.shape[0])
+    return weights.to(device=stack.device, dtype=stack.dtype).view(-1, *[1] * (stack.dim() - 1))
 
 
-def preprocess(tv: TaskVectors, method: str | None, seed: int = 0, **kwargs) -> TaskVectors:
-    """Apply a named preprocessor with its options; random ones draw from one seeded generator."""
-    if method in (None, "none"):
+def disjoint_divisor(kept: torch.Tensor, agree: torch.Tensor | None, weights: torch.Tensor | None,
+                     convention: str = "paper") -> torch.Tensor:
+    """What each entry's merge is divided by for a (disjoint) mean.
+
+    paper (``disjoint_merge``, mean): the number of experts whose kept entry is nonzero (at least 1).
+    mergekit (``normalize``): the sum of the agreeing experts' weights, or with no sign election of
+    all experts' weights; 1 where that is 0.
+    """
+    if convention == "mergekit":
+        w = _expert_view(weights, kept)
+        if agree is None:
+            total = w.sum(0).expand(kept.shape[1:])
+            return torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
+        total = (w * agree.to(kept.dtype)).sum(0)
+        return torch.where(total == 0, torch.ones_like(total), total)
+    return (kept != 0).sum(0).clamp(min=1).to(kept.dtype)
+
+
+def ties(stack: torch.Tensor, density: float = 0.2, disjoint_mean: bool = False, convention: str = "paper",
+         weights: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES-Merging (arXiv 2306.01708, Sec. 3): trim, elect sign, keep entries that agree.
+
+    With ``disjoint_mean`` every kept entry is divided so that ``sum_k w_k tau'_k`` is the paper's
+    disjoint mean (mergekit: the agreeing weights' mean); without it the stack feeds learned
+    coefficients directly (AdaMerging++, arXiv 2310.02575).
+    """
+    return combine(keep_top(stack, density, convention), True, disjoint_mean, convention, weights)
+
+
+def combine(sparse: torch.Tensor, consensus: bool, disjoint_mean: bool, convention: str,
+            weights: torch.Tensor | None) -> torch.Tensor:
+    """Sparsified stack -> what the coefficients multiply: agreeing entries only (``consensus``),
+    divided by ``disjoint_divisor`` (``disjoint_mean``)."""
+    agree = agreeing(sparse, weights, convention) if consensus else None
+    kept = sparse if agree is None else torch.where(agree, sparse, torch.zeros_like(sparse))
+    return kept / disjoint_divisor(kept, agree, weights, convention) if disjoint_mean else kept
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """``pool.preprocess``: sparsify (``METHODS``), elect signs where the method does, normalize.
+
+    ``scope=model`` treats each expert's whole task vector as one tensor (one threshold, one rank
+    order, one L1 norm); null takes the convention's own: the TIES reference's ``model`` for paper
+    TIES, ``tensor`` otherwise. ``rescale`` null: mergekit's defaults (on for DARE and DELLA, off for
+    TIES and breadcrumbs); under the paper convention only DARE and DELLA rescale.
+    ``weights``: the per-expert weights of mergekit's sign election and normalization: a number, a
+    mapping expert -> number, ``uniform`` (1/K) or null (1 each); the paper convention ignores them.
+    """
+
+    method: str = "none"
+    convention: str = "paper"
+    scope: str | None = None
+    density: float = 0.2
+    p: float = 0.9
+    epsilon: float = 0.1
+    gamma: float = 0.01
+    disjoint_mean: bool = False
+    rescale: bool | None = None
+    weights: float | str | Mapping[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("none", *METHODS):
+            raise AdamergeError(f"pool.preprocess.method={self.method!r}; choose from none, {', '.join(METHODS)}")
+        _check_convention(self.convention)
+        if self.scope not in (None, *SCOPES):
+            raise AdamergeError(f"pool.preprocess.scope={self.scope!r}; choose from null, {', '.join(SCOPES)}")
+        if self.rescale and self.convention == "paper" and self.method != "none" and self.sparsifier not in RANDOM:
+            raise AdamergeError(f"pool.preprocess.rescale: {self.method} has no rescaling in its paper; "
+                                "convention=mergekit rescales to the L1 norm")
+
+    @property
+    def sparsifier(self) -> str:
+        return METHODS[self.method][0]
+
+    @property
+    def effective_scope(self) -> str:
+        if self.scope is not None:
+            return self.scope
+        return "model" if self.convention == "paper" and self.sparsifier == "magnitude" else "tensor"
+
+    @property
+    def effective_rescale(self) -> bool:
+        return self.sparsifier in RANDOM if self.rescale is None else bool(self.rescale)
+
+    def expert_weights(self, experts: Sequence[str]) -> torch.Tensor:
+        """The ``(K,)`` weights of ``weights`` for these experts."""
+        w = self.weights
+        if w is None:
+            return torch.ones(len(experts))
+        if w == "uniform":
+            return torch.full((len(experts),), 1.0 / len(experts))
+        if isinstance(w, Mapping):
+            missing = [e for e in experts if e not in w]
+            if missing:
+                raise AdamergeError(f"pool.preprocess.weights has no value for expert(s) {missing}")
+            return torch.tensor([float(w[e]) for e in experts])
+        if isinstance(w, str):
+            raise AdamergeError(f"pool.preprocess.weights={w!r}; give a number, a mapping expert -> number or uniform")
+        return torch.full((len(experts),), float(w))
+
+    def sparsify(self, stack: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        kind, convention, rescale = self.sparsifier, self.convention, self.effective_rescale
+        if kind in ("magnitude", "outliers"):
+            out = (keep_top(stack, self.density, convention) if kind == "magnitude"
+                   else breadcrumbs(stack, self.density, self.gamma, convention))
+            return l1_rescaled(stack, out) if rescale else out
+        if kind == "random":
+            return dare(stack, self.p, generator, convention, rescale)
+        return della(stack, self.density, self.epsilon, generator, convention, rescale)
+
+    def apply(self, stack: torch.Tensor, weights: torch.Tensor | None = None,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """One ``(K, *shape)`` stack (a tensor, or at model scope the whole flattened model)."""
+        consensus = METHODS[self.method][1]
+        return combine(self.sparsify(stack, generator), consensus, self.disjoint_mean, self.convention, weights)
+
+
+def preprocess(tv: TaskVectors, method: str | None = None, seed: int = 0, **options) -> TaskVectors:
+    """Apply ``pool.preprocess`` (``Preprocess``'s fields as keywords); random methods draw from one
+    generator seeded with ``seed``, one ``uniform_draw`` per tensor in ``tv.names`` order (at model
+    scope one for the whole flattened model)."""
+    try:
+        spec = Preprocess(method=method or "none", **options)
+    except TypeError as e:
+        raise AdamergeError(f"pool.preprocess: {e}") from e
+    if spec.method == "none":
         return tv
-    if method not in PREPROCESSORS:
-        raise AdamergeError(f"unknown task-vector preprocessing {method!r}; choose from {sorted(PREPROCESSORS)}")
-    fn = PREPROCESSORS[method]
-    if method in ("dare", "della"):
-        kwargs["generator"] = torch.Generator().manual_seed(seed)
-    return tv.map(lambda s: fn(s, **kwargs))
+    weights = spec.expert_weights(tv.experts)
+    generator = torch.Generator().manual_seed(seed) if spec.sparsifier in RANDOM else None
+    if spec.effective_scope == "tensor":
+        return tv.map(lambda s: spec.apply(s, weights, generator))
+    dense = tv.densified("preprocessing works on dense values")
+    names = [n for n in dense.names if n in dense.stacks]
+    flat = spec.apply(torch.cat([dense.stacks[n].flatten(1) for n in names], dim=1), weights, generator)
+    pieces = flat.split([dense.stacks[n][0].numel() for n in names], dim=1)
+    stacks = {n: piece.reshape(dense.stacks[n].shape) for n, piece in zip(names, pieces, strict=True)}
+    return replace(dense, stacks=stacks)

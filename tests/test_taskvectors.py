@@ -22,20 +22,24 @@ def test_magnitude_ranks_per_expert():
     torch.testing.assert_close(magnitude_ranks(s), torch.tensor([[1.0, 0.0, 0.5], [1.0, 0.5, 0.0]]))
 
 
+@pytest.mark.parametrize("convention", ["paper", "mergekit"])
 @pytest.mark.parametrize("density", [0.1, 0.2, 0.5, 1.0])
-def test_trim_keeps_top_fraction_per_expert(density):
+def test_trim_keeps_top_fraction_per_expert(density, convention):
     s = stack_of(3, 200).view(3, 10, 20)
-    kept = keep_top(s, density)
+    kept = keep_top(s, density, convention)
     for k in range(3):
         flat, out = s[k].flatten(), kept[k].flatten()
-        n_keep = round(density * flat.numel())
+        # the TIES reference keeps the (n - int(d n))-th smallest and everything above it; mergekit max(1, int(d n))
+        n_keep = 200 if density == 1.0 else int(density * 200) + (1 if convention == "paper" else 0)
         assert int((out != 0).sum()) == n_keep
         top = flat.abs().topk(n_keep).indices
         torch.testing.assert_close(out[top], flat[top], rtol=0, atol=0)
 
 
-def test_keep_top_zero_density_drops_everything():
-    assert torch.count_nonzero(keep_top(stack_of(2, 50), 0.0)) == 0
+def test_keep_top_zero_density():
+    assert torch.count_nonzero(keep_top(stack_of(2, 50), 0.0, "mergekit")) == 0
+    # the reference's k = n: the largest entry (and any equal to it) survives
+    assert torch.equal(torch.count_nonzero(keep_top(stack_of(2, 50), 0.0), dim=1), torch.tensor([1, 1]))
 
 
 def test_ties_elects_sign_and_zeroes_disagreement():
@@ -62,8 +66,8 @@ def test_ties_elected_sign_follows_trimmed_mass():
     s = torch.tensor([[-5.0, 0.1, 0.2, 0.3], [1.0, 0.1, 0.2, 0.3], [1.0, 0.1, 0.2, 0.3]])
     out = ties(s, density=1.0)
     assert out[0, 0] == -5.0 and out[1, 0] == 0 and out[2, 0] == 0  # mass -3 beats two votes of +1
-    # after trimming to the top 25 % of each row, only entry 0 survives; -5 + 1 + 1 < 0 again
-    out = ties(s, density=0.25)
+    # after trimming to mergekit's int(0.25 * 4) = 1 entry of each row, only entry 0 survives; -5 + 1 + 1 < 0
+    out = ties(s, density=0.25, convention="mergekit")
     torch.testing.assert_close(out[:, 0], torch.tensor([-5.0, 0.0, 0.0]))
     assert torch.count_nonzero(out[:, 1:]) == 0
 
@@ -84,7 +88,7 @@ def test_ties_trims_then_elects():
     elected = torch.sign(trimmed.sum(0))
     assert torch.all((out == 0) | (torch.sign(out) == elected))
     assert torch.all((out == 0) | (out == trimmed))
-    assert torch.all(torch.count_nonzero(out, dim=1) <= 80)
+    assert torch.all(torch.count_nonzero(out, dim=1) <= 81)
 
 
 def test_dare_seeded_and_rescaled():
@@ -179,11 +183,13 @@ def test_preprocess_named_and_seeded():
     c = preprocess(tv, "dare", seed=4, p=0.5)
     assert all(torch.equal(a.stacks[n], b.stacks[n]) for n in tv.stacks)
     assert not all(torch.equal(a.stacks[n], c.stacks[n]) for n in tv.stacks)
-    t = preprocess(tv, "ties", density=0.5)
+    t = preprocess(tv, "ties", density=0.5, scope="tensor")
     assert t.experts == tv.experts and t.infos == tv.infos
     torch.testing.assert_close(t.stacks["a.weight"], ties(tv.stacks["a.weight"], density=0.5))
-    with pytest.raises(AdamergeError, match="unknown task-vector preprocessing 'magic'"):
+    with pytest.raises(AdamergeError, match="pool.preprocess.method='magic'; choose from none, ties"):
         preprocess(tv, "magic")
+    with pytest.raises(AdamergeError, match="pool.preprocess: .*'densty'"):
+        preprocess(tv, "ties", densty=0.5)
 
 
 def test_norms_are_frobenius_per_expert():
