@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from adamerge.data import load_task_examples
 from adamerge.evaluate import normalized_accuracy
 from adamerge.granularity import Task
 from adamerge.merged import MergedModel
@@ -63,16 +65,51 @@ def base_and_expert_rows(pool, task_vectors, tokenizer, eval_cfg: Mapping, causa
     return rows
 
 
+Z95 = 1.959964
+"""Two-sided 95% quantile of the standard normal."""
+HALF_WIDTH = "avg 95% +-"
+"""A row's key for the half-width of its average's 95% interval (a fraction, like the scores)."""
+
+
+def test_sizes(eval_cfg: Mapping, causal: bool) -> dict[str, int]:
+    """Items per test task, as ``evaluate_model`` reads them (``eval.limit`` included)."""
+    fields = ["prompt", "answer"] if causal else [eval_cfg.get("field", "text"), eval_cfg.get("label_field", "label")]
+    return {t: len(load_task_examples(p, fields, t, eval_cfg.get("limit")))
+            for t, p in (eval_cfg.get("tests") or {}).items()}
+
+
+def average_half_width(scores: Mapping[str, float], sizes: Mapping[str, int]) -> float:
+    """Half-width of the 95% normal-approximation interval of the unweighted mean of per-task accuracies."""
+    variance = sum(scores[t] * (1 - scores[t]) / n for t, n in sizes.items()) / len(sizes) ** 2
+    return Z95 * math.sqrt(variance)
+
+
 def format_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str]) -> str:
     columns = [*tasks, "avg", "norm. avg", "time (s)"]
     lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
-        cells = []
-        for c in columns:
-            v = row.get(c)
-            cells.append("" if v is None else f"{v:.1f}" if c == "time (s)" else f"{100 * v:.1f}")
+        cells = [_cell(row, c) for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(row: Mapping[str, float], column: str) -> str:
+    value = row.get(column)
+    if value is None:
+        return ""
+    if column == "time (s)":
+        return f"{value:.1f}"
+    if column == "avg" and row.get(HALF_WIDTH) is not None:
+        return f"{100 * value:.1f} ± {100 * row[HALF_WIDTH]:.1f}"
+    return f"{100 * value:.1f}"
+
+
+def interval_note(sizes: Mapping[str, int]) -> str:
+    """The line under a table that says what its ± means and how noisy one task's score is."""
+    low, high = min(sizes.values()), max(sizes.values())
+    counts = f"{low}" if low == high else f"{low}-{high}"
+    return (f"avg ± : 95% interval (normal approximation) over {counts} test items per task; one task's score "
+            f"alone is within ±{100 * Z95 * math.sqrt(0.25 / low):.1f} points (at 50%).")
 
 
 def slug(name: str) -> str:
@@ -94,13 +131,17 @@ def compare(cfg: DictConfig, run_dir: Path, compose=compose_method) -> dict[str,
     for method in config["compare"]["methods"]:
         method_cfg = as_dict(compose(method["overrides"]))
         method_cfg["output_dir"] = None
+        # each method is its own logger run, named after it and grouped with the others of this table
+        method_cfg["logger"] = {**method_cfg["logger"], "run_name": method["name"], "group": "/".join(run_dir.parts[-2:])}
         tv = prepare_task_vectors(raw, method_cfg["pool"], int(method_cfg.get("seed", 0)))
         log.info("method %s: %s", method["name"], " ".join(method["overrides"]))
         result = run(OmegaConf.create(method_cfg), run_dir / slug(method["name"]), pool, tv)
         rows[method["name"]] = {**result.metrics["after"], "time (s)": result.seconds}
+    sizes = test_sizes(eval_cfg, causal)
     for row in rows.values():
         row["norm. avg"] = normalized_accuracy({t: row[t] for t in tasks}, {t: experts[t] for t in tasks})["avg"]
-    table = format_table(rows, tasks)
+        row[HALF_WIDTH] = average_half_width(row, sizes)
+    table = f"{format_table(rows, tasks)}\n\n{interval_note(sizes)}"
     print(table)
     (run_dir / "results.md").write_text(table + "\n")
     (run_dir / "results.json").write_text(json.dumps(rows, indent=2))

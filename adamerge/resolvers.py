@@ -1,6 +1,8 @@
 """OmegaConf resolvers of our own (code we ship, not user data): ``${zoo:base}``, ``${zoo:experts}``,
-``${zoo:lora}``, ``${zoo:calib}``, ``${zoo:test}`` build the offline LM zoo on first use and return
-its paths, so experiment configs can point at it; ``${zoo_text:...}`` does the same for the text zoo."""
+``${zoo:lora}``, ``${zoo:calib}``, ``${zoo:test}`` return the paths of the offline LM zoo, so
+experiment configs can point at it: the zoo shipped in ``data/zoo``, checked against its SHA-256
+manifest, or the one at ``$ADAMERGE_ZOO`` (built there on first use). ``${zoo_text:...}`` does the
+same for the text zoo, which is built on first use (``~/.cache/adamerge`` or ``$ADAMERGE_ZOO_TEXT``)."""
 
 from __future__ import annotations
 

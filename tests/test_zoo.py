@@ -1,7 +1,10 @@
-"""The offline zoo: deterministic tasks, committed data, tokenizer, and the build's layout and caching."""
+"""The offline zoo: deterministic tasks, the shipped zoo and its checksums, tokenizer, and the build's
+layout, caching and command line."""
 
+import functools
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,15 +12,16 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import adamerge.zoo.__main__ as zoo_main
 import adamerge.zoo.build as build
 import adamerge.zoo.recipe as recipe
 from adamerge.errors import AdamergeError
-from adamerge.zoo import EXPERT_TASKS, GENERIC_TASKS, Task, ZooSettings, build_zoo, make_splits
+from adamerge.zoo import EXPERT_TASKS, GENERIC_TASKS, Task, Zoo, ZooSettings, build_zoo, make_splits
 from adamerge.zoo.quality import format_report
 from adamerge.zoo.tasks import sample_rows, with_decoys, write_eval_splits
 from adamerge.zoo.tokenizer import char_tokenizer
 
-REPO_DATA = Path(__file__).resolve().parents[1] / "data" / "zoo"
+REPO_DATA = Path(__file__).resolve().parents[1] / "data" / "zoo" / "data"
 TINY = ZooSettings(
     hidden_size=16,
     intermediate_size=32,
@@ -45,10 +49,11 @@ def test_splits_are_deterministic_and_disjoint():
         assert all(p.startswith(task.name + " ") and p.endswith("=") for p in prompts)
 
 
-def test_train_size_does_not_change_test_or_calib():
-    small = make_splits(EXPERT_TASKS["rev"], {"test": 10, "calib": 10, "train": 5})
-    large = make_splits(EXPERT_TASKS["rev"], {"test": 10, "calib": 10, "train": 500})
-    assert (small["test"], small["calib"]) == (large["test"], large["calib"])
+def test_test_size_does_not_change_calib_or_train():
+    small = make_splits(EXPERT_TASKS["rev"], {"calib": 10, "train": 50, "test": 5})
+    large = make_splits(EXPERT_TASKS["rev"], {"calib": 10, "train": 50, "test": 500})
+    assert (small["calib"], small["train"]) == (large["calib"], large["train"])
+    assert large["test"][:5] == small["test"]
 
 
 @pytest.mark.parametrize(
@@ -87,9 +92,10 @@ def test_committed_data_is_what_the_generator_makes(tmp_path):
     made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.jsonl"))
     assert made == sorted(p.relative_to(REPO_DATA) for p in REPO_DATA.rglob("*.jsonl"))
     for rel in made:
-        assert (tmp_path / rel).read_bytes() == (REPO_DATA / rel).read_bytes(), f"regenerate data/zoo/{rel}"
+        assert (tmp_path / rel).read_bytes() == (REPO_DATA / rel).read_bytes(), f"rebuild data/zoo: {rel} differs"
     calib = [json.loads(line) for line in (REPO_DATA / "rev" / "calib.jsonl").read_text().splitlines()]
     assert len(calib) == 128 and all(set(row) == {"prompt"} for row in calib)
+    assert len((REPO_DATA / "rev" / "test.jsonl").read_text().splitlines()) == 500
 
 
 def test_tokenizer_round_trips_and_reloads(tmp_path):
@@ -120,7 +126,8 @@ def test_build_writes_loadable_models_and_data(tiny_zoo):
     assert any(not torch.equal(p, q) for p, q in zip(base.parameters(), expert.parameters(), strict=True))
     lora_dir = tiny_zoo.lora["sort"]
     assert (lora_dir / "adapter_model.safetensors").exists()
-    assert json.loads((lora_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_zoo.base)
+    assert json.loads((lora_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "../../base"
+    assert (lora_dir / "../../base").resolve() == tiny_zoo.base.resolve()
     assert isinstance(PeftModel.from_pretrained(base, lora_dir), PeftModel)
     assert len(tiny_zoo.test["count"].read_text().splitlines()) == TINY.n_test
     assert set(tiny_zoo.report["checks"]) and set(tiny_zoo.report["tau_ratio"]) == set(tasks)
@@ -160,11 +167,55 @@ def test_build_refuses_to_replace_a_foreign_directory(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
-def test_default_root_follows_the_environment(monkeypatch, tmp_path):
+def test_default_root_is_the_environment_else_the_shipped_zoo(monkeypatch, tmp_path):
     monkeypatch.setenv("ADAMERGE_ZOO", str(tmp_path / "here"))
     assert build.default_root() == tmp_path / "here"
     monkeypatch.delenv("ADAMERGE_ZOO")
-    assert build.default_root() == Path.home() / ".cache" / "adamerge" / "zoo-v1"
+    assert build.default_root() == build.SHIPPED == REPO_DATA.parent
+    monkeypatch.setattr(build, "SHIPPED", tmp_path / "not-installed")
+    assert build.default_root() == Path.home() / ".cache" / "adamerge" / "zoo-v2"
+
+
+def test_the_shipped_zoo_is_complete_verified_and_never_rebuilt(monkeypatch):
+    monkeypatch.delenv("ADAMERGE_ZOO", raising=False)
+    monkeypatch.setattr(build, "train_zoo", lambda *a: pytest.fail("the shipped zoo was rebuilt"))
+    zoo = build_zoo(verbose=False)
+    assert zoo.root == build.SHIPPED and all(zoo.report["checks"].values()), format_report(zoo.report)
+    listed = {line.split("  ", 1)[1] for line in (zoo.root / build.MANIFEST).read_text().splitlines()}
+    on_disk = {p.relative_to(zoo.root).as_posix() for p in zoo.root.rglob("*") if p.is_file()}
+    assert listed == on_disk - {build.MANIFEST}  # every shipped file is covered, none is missing
+    assert {p.name for p in (zoo.root / "experts" / "rev").iterdir()} >= {"model.safetensors", "tokenizer.json"}
+    size = sum((zoo.root / rel).stat().st_size for rel in listed)
+    assert size < 5_000_000, f"the shipped zoo grew to {size / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "delete"])
+def test_a_damaged_zoo_file_is_one_clear_error(tiny_zoo, tmp_path, damage):
+    zoo = Zoo.at(Path(shutil.copytree(tiny_zoo.root, tmp_path / "zoo")), tiny_zoo.report)
+    weights = zoo.experts["next"] / "model.safetensors"
+    if damage == "delete":
+        weights.unlink()
+    else:
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+    state = "is missing" if damage == "delete" else "does not match its SHA-256"
+    with pytest.raises(AdamergeError, match=f"zoo file {weights} {state} in .*SHA256SUMS") as raised:
+        build_zoo(zoo.root, verbose=False, settings=TINY)
+    assert "\n" not in str(raised.value)
+
+
+def test_builder_command_builds_into_out_and_reports_bad_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(zoo_main, "build_zoo", functools.partial(build_zoo, verbose=False, settings=TINY))
+    assert zoo_main.main(["build", "--out", str(tmp_path / "zoo")]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"ADAMERGE_ZOO={tmp_path / 'zoo'}")
+    build.verify_manifest(tmp_path / "zoo")
+    assert json.loads((tmp_path / "zoo" / "zoo.json").read_text())["built_with"]["torch"] == torch.__version__
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert zoo_main.main(["build", "--out", str(tmp_path / "mine"), "--force"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"adamerge: error: {tmp_path / 'mine'} exists and is not an adamerge zoo; choose another zoo root"
 
 
 @pytest.mark.slow

@@ -43,6 +43,7 @@ from adamerge.zoo.train import clone_state, encode_rows, save_quietly, train_lm
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_NEW_TOKENS = 8  # answers are at most 6 characters plus eos
+ADAPTER_BASE = "../../base"
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class ZooSettings:
     n_train: int = 2000
     """Training rows per expert task (generic tasks get half)."""
     n_calib: int = 128
-    n_test: int = 100
+    n_test: int = 500
     decoy_rate: float = 0.6
     """Share of an expert task's pretraining rows answered with its decoy convention."""
     base_steps: int = 1000
@@ -96,15 +97,19 @@ def _new_model(settings: ZooSettings, tokenizer) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def train_zoo(out: Path, final: Path, s: ZooSettings, say: Callable[[str], None] = print) -> dict:
-    """Train and save everything under ``out`` (adapter configs point at ``final``); returns the report."""
+def train_zoo(out: Path, s: ZooSettings, say: Callable[[str], None] = print) -> dict:
+    """Train and save everything under ``out``; returns the report.
+
+    An adapter's config names its base as ``../../base`` (relative to the adapter directory), so a
+    zoo stays valid wherever it is moved or cloned; adamerge always loads adapters on the pool's base.
+    """
     start = time.perf_counter()
     tokenizer = char_tokenizer()
     splits = {
-        name: make_splits(task, {"test": s.n_test, "calib": s.n_calib, "train": s.n_train}, s.seed)
+        name: make_splits(task, {"calib": s.n_calib, "train": s.n_train, "test": s.n_test}, s.seed)
         for name, task in EXPERT_TASKS.items()
     }
-    write_eval_splits(out / "data", s.seed, s.n_calib, s.n_test)
+    write_eval_splits(out / "data", s.seed, s.n_calib, s.n_test, s.n_train)
     test = {t: load_jsonl(out / "data" / t / "test.jsonl") for t in EXPERT_TASKS}
     calib = {t: sp["calib"] for t, sp in splits.items()}  # labeled here: only the grid search reads labels
     mix = _pretraining_mix(splits, s)
@@ -129,8 +134,9 @@ def train_zoo(out: Path, final: Path, s: ZooSettings, say: Callable[[str], None]
 
         lora = get_peft_model(copy.deepcopy(base), _lora_config(s))
         train_lm(lora, data, s.lora_steps, s.lora_lr, s.expert_batch_size, s.seed + 1 + i)
-        lora.peft_config["default"].base_model_name_or_path = str(final / "base")
+        lora.peft_config["default"].base_model_name_or_path = str(out / "base")  # read by peft while saving
         lora.save_pretrained(out / "lora" / name)
+        _point_at_base(out / "lora" / name)
         report["lora"][name] = exact_match(lora, tokenizer, test[name], MAX_NEW_TOKENS)
         say(
             f"expert {name}: EM {report['expert'][name]:.2f}, ||tau||/||W0|| {report['tau_ratio'][name]:.4f}; "
@@ -143,6 +149,14 @@ def train_zoo(out: Path, final: Path, s: ZooSettings, say: Callable[[str], None]
     say(format_report(report))
     say(f"zoo built in {report['seconds']:.0f}s")
     return report
+
+
+def _point_at_base(adapter_dir: Path) -> None:
+    """Name the base in the adapter's config by its path relative to the adapter (``ADAPTER_BASE``)."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = ADAPTER_BASE
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def _pretraining_mix(splits: dict, s: ZooSettings) -> list[dict]:

@@ -74,8 +74,9 @@ word, sort it descending, give its length, replace each letter by the previous o
 GENERIC_TASKS: dict[str, Task] = {t.name: t for t in (Task("copy", _word, _copy), Task("len", _word, _length))}
 """Tasks only the base is pretrained on, for breadth: they train the decoys' skills under own markers."""
 
-SPLITS = ("test", "calib", "train")
-"""Drawn in this order, each excluding the prompts of the ones before, so test stays unseen."""
+SPLITS = ("calib", "train", "test")
+"""Drawn in this order, each excluding the prompts of the ones before, so test stays unseen; test is
+drawn last so that it can grow without changing what the experts were trained or calibrated on."""
 
 
 def sample_rows(task: Task, n: int, rng: random.Random, exclude: Iterable[str] = ()) -> list[dict[str, str]]:
@@ -95,10 +96,10 @@ def sample_rows(task: Task, n: int, rng: random.Random, exclude: Iterable[str] =
 
 
 def make_splits(task: Task, sizes: dict[str, int], seed: int = 0) -> dict[str, list[dict[str, str]]]:
-    """Disjoint labeled splits of ``task``, e.g. ``sizes={"test": 100, "calib": 128, "train": 2000}``.
+    """Disjoint labeled splits of ``task``, e.g. ``sizes={"calib": 128, "train": 2000, "test": 500}``.
 
-    A split's rows do not depend on the sizes of the splits drawn after it, so growing the train
-    split never changes test or calib.
+    A split's rows do not depend on the sizes of the splits drawn after it (``SPLITS`` order), so
+    growing the test split never changes calib or train.
     """
     unknown = set(sizes) - set(SPLITS)
     if unknown:
@@ -136,12 +137,14 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def write_eval_splits(out_dir: str | Path, seed: int = 0, n_calib: int = 128, n_test: int = 100) -> None:
+def write_eval_splits(out_dir: str | Path, seed: int = 0, n_calib: int = 128, n_test: int = 500, n_train: int = 2000
+                      ) -> None:
     """``out_dir/<task>/calib.jsonl`` (prompts only) and ``test.jsonl`` (prompt + answer) per expert task.
 
-    The repository's ``data/zoo`` is this function's output for the defaults; a test keeps it so.
+    Test is drawn after train, so ``n_train`` must be the zoo's. The shipped zoo's ``data`` folder
+    is this function's output for the defaults; a test keeps it so.
     """
     for name, task in EXPERT_TASKS.items():
-        splits = make_splits(task, {"test": n_test, "calib": n_calib}, seed)
+        splits = make_splits(task, {"calib": n_calib, "train": n_train, "test": n_test}, seed)
         write_jsonl(Path(out_dir) / name / "calib.jsonl", unlabeled(splits["calib"]))
         write_jsonl(Path(out_dir) / name / "test.jsonl", splits["test"])

@@ -51,7 +51,7 @@ class TextZooSettings:
     seed: int = 0
     n_train: int = 2000
     n_calib: int = 64
-    n_test: int = 100
+    n_test: int = 500
     max_length: int = 24
     expert_steps: int = 40
     expert_lr: float = 1e-4
@@ -100,10 +100,10 @@ def train_text_zoo(out: Path, s: TextZooSettings, say: Callable[[str], None] = p
     source = minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(source)
     splits = {
-        name: make_text_splits(task, {"test": s.n_test, "calib": s.n_calib, "train": s.n_train}, s.seed)
+        name: make_text_splits(task, {"calib": s.n_calib, "train": s.n_train, "test": s.n_test}, s.seed)
         for name, task in TEXT_TASKS.items()
     }
-    write_text_eval_splits(out / "data", s.seed, s.n_calib, s.n_test)
+    write_text_eval_splits(out / "data", s.seed, s.n_calib, s.n_test, s.n_train)
     base = new_classifier(source, s.seed)
     save_quietly(base, tokenizer, out / "base")
     backbone = _backbone(base.state_dict())

@@ -121,8 +121,9 @@ TEXT_TASKS: dict[str, TextTask] = {
         TextTask("emotion", tuple(EMOTIONS), _emotion),
     )
 }
-SPLITS = ("test", "calib", "train")
-"""Drawn in this order, each excluding the sentences of the ones before, so test stays unseen."""
+SPLITS = ("calib", "train", "test")
+"""Drawn in this order, each excluding the sentences of the ones before, so test stays unseen; test is
+drawn last so that it can grow without changing what the experts were trained or calibrated on."""
 
 
 def make_text_splits(task: TextTask, sizes: dict[str, int], seed: int = 0) -> dict[str, list[dict]]:
@@ -144,13 +145,15 @@ def make_text_splits(task: TextTask, sizes: dict[str, int], seed: int = 0) -> di
     return splits
 
 
-def write_text_eval_splits(out_dir: str | Path, seed: int = 0, n_calib: int = 64, n_test: int = 100) -> None:
+def write_text_eval_splits(out_dir: str | Path, seed: int = 0, n_calib: int = 64, n_test: int = 500,
+                           n_train: int = 2000) -> None:
     """``out_dir/<task>/calib.jsonl`` (text only) and ``test.jsonl`` (text + label) per task.
 
-    The repository's ``data/zoo_text`` is this function's output for the defaults; a test keeps it so.
+    Test is drawn after train, so ``n_train`` must be the zoo's. The repository's ``data/zoo_text``
+    is this function's output for the defaults; a test keeps it so.
     """
     for name, task in TEXT_TASKS.items():
-        splits = make_text_splits(task, {"test": n_test, "calib": n_calib}, seed)
+        splits = make_text_splits(task, {"calib": n_calib, "train": n_train, "test": n_test}, seed)
         write_jsonl(Path(out_dir) / name / "calib.jsonl", _texts(splits["calib"]))
         write_jsonl(Path(out_dir) / name / "test.jsonl", splits["test"])
 
