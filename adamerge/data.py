@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from adamerge.errors import AdamergeError
+from adamerge.prompts import PromptEncoder
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
@@ -136,6 +137,8 @@ class Collator:
     With ``answer_field`` set (supervised data) a causal LM sees prompt + answer + eos and
     ``labels`` mask the prompt and padding with -100; a classifier gets ``labels`` from ``label_field``.
     ``tokenizer`` may be an image processor: the classifier's ``field`` then holds images.
+    A causal LM's prompts get their BOS and chat template as the experts saw them
+    (``add_bos``, ``chat_template``, ``model_bos_id``: see ``adamerge.prompts``).
     """
 
     tokenizer: object
@@ -144,12 +147,17 @@ class Collator:
     max_length: int = 512
     answer_field: str | None = None
     label_field: str | None = None
-    add_special_tokens: bool = True
+    add_bos: bool | str = "auto"
+    chat_template: bool = False
+    model_bos_id: int | None = None
+
+    def __post_init__(self) -> None:
+        self.prompts = PromptEncoder(self.tokenizer, self.add_bos, self.chat_template, self.model_bos_id,
+                                     self.max_length) if self.causal else None
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids of a prompt; a long one loses its start, so its last token stays the scored one."""
-        ids = self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"][-self.max_length :]
-        return torch.tensor(ids, dtype=torch.long)
+        return torch.tensor(self.prompts(text), dtype=torch.long)
 
     def classifier_inputs(self, values: Sequence) -> dict[str, torch.Tensor]:
         """Images through the image processor, or text through the tokenizer (padded, truncated)."""

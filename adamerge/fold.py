@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from adamerge.errors import AdamergeError
 from adamerge.export import COEFFICIENTS_FILE, CONFIG_FILE
-from adamerge.granularity import GRANULARITIES
+from adamerge.granularity import GRANULARITIES, Granularity
 from adamerge.merged import MergedModel
-from adamerge.objectives import OBJECTIVES
+from adamerge.objectives import OBJECTIVES, Objective
 from adamerge.run import RunResult, build_pool, build_task_vectors, construct, write_output
 
 
@@ -28,20 +28,19 @@ def refold(source: str | Path, output_dir: str | Path, overwrite: bool = False) 
         raise AdamergeError(f"{str(source)!r} has no {CONFIG_FILE} and {COEFFICIENTS_FILE}: not an adamerge output")
     config = yaml.safe_load((source / CONFIG_FILE).read_text())
     saved = load_file(str(source / COEFFICIENTS_FILE))
-    table = {k: v for k, v in saved.items() if not k.startswith("delta.")}
+    own_state = (Granularity.state_prefix, Objective.state_prefix)  # tensors besides the coefficients
+    table = {k: v for k, v in saved.items() if not k.startswith(own_state)}
     pool = build_pool(config["pool"])
     task_vectors = build_task_vectors(pool, config["pool"], int(config.get("seed", 0)))
-    gran_cfg = {k: v for k, v in config["granularity"].items() if k not in ("budget", "stage1_steps")}
+    stage1_keys = ("budget", "budget_per_tensor", "stage1_steps")  # Expert Merging++'s allocation: counts are saved
+    gran_cfg = {k: v for k, v in config["granularity"].items() if k not in stage1_keys}
     gran_cfg["transform"] = "identity"  # the saved coefficients are already transformed
     if gran_cfg["name"] == "chunk":
         gran_cfg["counts"] = {name: t.shape[1] for name, t in table.items()}
     merged = MergedModel(pool.base, task_vectors, construct(GRANULARITIES, "granularity", gran_cfg))
+    merged.granularity.load_state_tensors(saved)  # aTLAS's partition masks
     objective = construct(OBJECTIVES, "objective", config["objective"])
-    if any(k.startswith("delta.") for k in saved):  # DOGE: rebuild the adjusted task vectors
-        objective.setup(merged, None)
-        for key, delta in objective.deltas.items():
-            delta.data.copy_(saved[f"delta.{key.replace('/', '.')}"])
-        objective.finish(merged)
+    objective.load_state_tensors(merged, saved)  # DOGE: the adjusted task vectors
     merged.granularity.load_table(table)
     config = {**config, "output_dir": str(output_dir), "overwrite": overwrite}
     write_output(merged, pool, objective, config,

@@ -6,8 +6,10 @@ expands a group to a tensor that broadcasts against the ``(K, *shape)`` task-vec
 
 - ``Task``   one coefficient per expert, shared by all tensors (AdaMerging task-wise, arXiv 2310.02575).
 - ``Layer``  one per expert per tensor (AdaMerging layer-wise).
-- ``Block``  one per tensor, optionally P row partitions of it (aTLAS, arXiv 2407.02880).
-- ``Chunk``  n_p contiguous row blocks per tensor, set by glob or by an allocation (Expert Merging++).
+- ``Block``  one per tensor, optionally P partitions of it: random per element, as aTLAS's code,
+  or contiguous rows (aTLAS, arXiv 2407.02880).
+- ``Chunk``  n_p contiguous chunks of each flattened tensor (or of its rows), set by glob or by an
+  allocation (Expert Merging / Expert Merging++, arXiv 2509.25712).
 - ``Column`` one per input feature / hidden dim, one scalar per bias (DAM, arXiv 2410.08371).
 """
 
@@ -49,6 +51,8 @@ class Granularity(nn.Module):
         space: ``task_vectors`` merges ``W0 + sum_k c_k tau_k``; ``weights`` merges
             ``sum_k c_k W_k`` (DAM's form), computed from the same stack.
     """
+
+    state_prefix = "granularity."  # keys of ``state_tensors`` in the saved coefficients file
 
     def __init__(
         self, init: float | str | Mapping[str, float] = 0.3, transform: str = "identity", space: str = "task_vectors"
@@ -127,6 +131,14 @@ class Granularity(nn.Module):
         """Transformed coefficients per group (detached, fp32): what is saved and plotted."""
         return {name: c.detach().float() for name, c in self.groups().items()}
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors besides the coefficients that define the merge (keys start with ``state_prefix``);
+        saved beside the coefficients so that ``adamerge fold`` rebuilds the same merge."""
+        return {}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore ``state_tensors()`` from a saved file (which may hold other keys too)."""
+
     @torch.no_grad()
     def load_table(self, table: Mapping[str, torch.Tensor]) -> None:
         """Set the raw parameters so that ``table()`` returns these coefficients (groups may be a subset)."""
@@ -180,43 +192,132 @@ class Layer(RowChunks):
         return 1
 
 
-class Block(RowChunks):
-    """aTLAS (arXiv 2407.02880): one coefficient per tensor block, optionally split into P row partitions.
+PARTITIONS = ("random", "rows")
+CHUNKINGS = ("flat", "rows")
 
-    Tensors with fewer rows than P get one partition per row.
+
+def owner_of_elements(mask: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``(K, n)`` coefficients -> ``(K, *mask.shape)``: each element takes its partition's coefficient."""
+    index = mask.flatten().int() if mask.dtype == torch.uint8 else mask.flatten()
+    return coef.index_select(1, index).reshape(coef.shape[0], *mask.shape)
+
+
+class Block(RowChunks):
+    """aTLAS (arXiv 2407.02880): one coefficient per expert per tensor ("parameter block"), or P per
+    tensor with ``partitions=P`` (aTLAS x K).
+
+    ``partition=random`` follows the released code (fredzzhang/atlas, ``src/composition.py``,
+    ``WeightedImageEncoder``): every element of a tensor goes to one of P partitions drawn by
+    ``torch.randint(P, shape)``, one mask per tensor shape (tensors of equal shape share it, as
+    there). The masks come from a generator seeded with ``seed`` and are stored with the
+    coefficients (``state_tensors``), so a refold uses the very same assignment. (That code's
+    ``mask_multiply`` returns zero for every tensor that is not a matrix; here vectors are
+    partitioned the same way instead of dropped.) ``partition=rows``: P contiguous row blocks;
+    tensors with fewer rows than P get one partition per row.
     """
 
-    def __init__(self, partitions: int = 1, **kwargs) -> None:
+    def __init__(self, partitions: int = 1, partition: str = "random", seed: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         if partitions < 1:
             raise AdamergeError(f"granularity.partitions={partitions} must be >= 1")
-        self.partitions = partitions
+        if partition not in PARTITIONS:
+            raise AdamergeError(f"granularity.partition={partition!r}; choose from {list(PARTITIONS)}")
+        self.partitions, self.partition, self.seed = partitions, partition, seed
+        self.masks = nn.Module()  # shape key -> (*shape) partition index per element (buffers move with .to)
+
+    @property
+    def random(self) -> bool:
+        return self.partition == "random" and self.partitions > 1
 
     def count(self, info: TensorInfo) -> int:
+        if self.random:
+            return self.partitions
         return min(self.partitions, max(info.shape[0], 1) if info.shape else 1)
+
+    def setup(self, experts: Sequence[str], infos: Sequence[TensorInfo]) -> None:
+        super().setup(experts, infos)
+        if not self.random:
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        dtype = torch.uint8 if self.partitions <= 256 else torch.int32
+        for info in infos:
+            key = shape_key(info.shape)
+            if not hasattr(self.masks, key):
+                mask = torch.randint(self.partitions, tuple(info.shape), generator=generator).to(dtype)
+                self.masks.register_buffer(key, mask, persistent=False)
+
+    def expand(self, coef: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+        if not self.random:
+            return super().expand(coef, info)
+        return owner_of_elements(getattr(self.masks, shape_key(info.shape)), coef)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{self.state_prefix}partition.{key}": mask for key, mask in self.masks.named_buffers()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for key, mask in self.masks.named_buffers():
+            saved = tensors.get(f"{self.state_prefix}partition.{key}")
+            if saved is None or saved.shape != mask.shape:
+                raise AdamergeError(f"the saved coefficients hold no partition mask of shape {key}")
+            mask.copy_(saved)
+
+
+def shape_key(shape: Sequence[int]) -> str:
+    """A buffer name for a tensor shape: ``(64, 32)`` -> ``"64x32"``, a scalar -> ``"scalar"``."""
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def chunk_limit(info: TensorInfo, chunking: str) -> int:
+    """Most chunks a tensor can have: one per element (``flat``) or one per row (``rows``)."""
+    if chunking == "flat":
+        return math.prod(info.shape)
+    return info.shape[0] if info.shape else 1
 
 
 class Chunk(RowChunks):
-    """Expert Merging (arXiv 2509.25712): n_p contiguous row chunks per tensor.
+    """Expert Merging (arXiv 2509.25712): n_p chunks per tensor, each with its own coefficient.
+
+    ``chunking=flat`` follows the released code (github.com/Littleor/ExpertMerging,
+    ``global_utils/merging_utils.py``, ``scale_tensor_by_coeffs``): ``torch.chunk`` of the flattened
+    tensor, i.e. chunks of ``ceil(N / n_p)`` elements, the last one shorter. ``torch.chunk`` may make
+    fewer than n_p chunks (6 elements in 4 chunks: 2, 2, 2), where that code leaves the extra
+    coefficients unused; here the count is what ``torch.chunk`` makes, so that no coefficient is
+    idle. ``chunking=rows``: n_p contiguous row blocks (``torch.tensor_split`` along dim 0).
 
     Args:
         chunks: glob over tensor names -> number of chunks (first match wins; default 1).
         counts: exact per-tensor counts (Expert Merging++'s allocation); they take precedence.
+        chunking: ``flat`` or ``rows``.
     """
 
-    def __init__(self, chunks: Mapping[str, int] | None = None, counts: Mapping[str, int] | None = None, **kwargs):
+    def __init__(self, chunks: Mapping[str, int] | None = None, counts: Mapping[str, int] | None = None,
+                 chunking: str = "flat", **kwargs):
         super().__init__(**kwargs)
+        if chunking not in CHUNKINGS:
+            raise AdamergeError(f"granularity.chunking={chunking!r}; choose from {list(CHUNKINGS)}")
         self.chunks = dict(chunks or {})
         self.counts = dict(counts or {})
+        self.chunking = chunking
 
     def count(self, info: TensorInfo) -> int:
         n = self.counts.get(info.name)
         if n is None:
             n = next((v for pattern, v in self.chunks.items() if fnmatch.fnmatchcase(info.name, pattern)), 1)
-        rows = info.shape[0] if info.shape else 1
-        if not 1 <= n <= rows:
-            raise AdamergeError(f"granularity.chunks: {n} chunks for {info.name!r}, which has {rows} rows")
-        return n
+        limit = chunk_limit(info, self.chunking)
+        if not 1 <= n <= limit:
+            unit = "elements" if self.chunking == "flat" else "rows"
+            raise AdamergeError(f"granularity.chunks: {n} chunks for {info.name!r}, which has {limit} {unit}")
+        return math.ceil(limit / math.ceil(limit / n)) if self.chunking == "flat" else n
+
+    def expand(self, coef: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+        n = coef.shape[1]
+        if self.chunking == "rows" or n == 1:
+            return super().expand(coef, info)
+        numel = math.prod(info.shape)
+        size = math.ceil(numel / n)
+        sizes = torch.tensor([size] * (n - 1) + [numel - size * (n - 1)], device=coef.device)
+        return coef.repeat_interleave(sizes, dim=1, output_size=numel).reshape(coef.shape[0], *info.shape)
 
 
 class Column(Granularity):

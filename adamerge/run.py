@@ -25,7 +25,7 @@ from adamerge.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
 from adamerge.data import Collator, DataFree, TaskDataModule, load_task_examples, model_inputs
 from adamerge.errors import AdamergeError
 from adamerge.export import check_output_dir, copy_tokenizer, save_folded
-from adamerge.granularity import GRANULARITIES, Layer
+from adamerge.granularity import GRANULARITIES, Layer, chunk_limit
 from adamerge.merged import MergedModel
 from adamerge.objectives import OBJECTIVES, Objective
 from adamerge.pool import ExpertPool
@@ -158,7 +158,7 @@ def build_datamodule(cfg: Mapping, experts: list[str], tokenizer, objective: Obj
                      seed: int) -> TaskDataModule | None:
     if not objective.needs_data:
         return None
-    labeled = getattr(objective, "needs_labels", False)
+    labeled = objective.needs_labels
     paths = cfg.get("paths") or {}
     missing = [e for e in experts if e not in paths]
     if missing:
@@ -170,7 +170,8 @@ def build_datamodule(cfg: Mapping, experts: list[str], tokenizer, objective: Obj
     collator = Collator(tokenizer, field=cfg.get("field", "prompt"), causal=causal,
                         max_length=cfg.get("max_length", 512),
                         answer_field=cfg.get("answer_field", "answer") if labeled and causal else None,
-                        label_field=cfg.get("label_field", "label") if labeled and not causal else None)
+                        label_field=cfg.get("label_field", "label") if labeled and not causal else None,
+                        add_bos=cfg.get("add_bos", "auto"), chat_template=bool(cfg.get("chat_template")))
     return TaskDataModule(tasks, collator, batch_size=cfg.get("batch_size", 8), shuffle=cfg.get("shuffle", True),
                           seed=seed)
 
@@ -267,8 +268,8 @@ def chunk_allocation_stage(pool: ExpertPool, task_vectors: TaskVectors, gran_cfg
     fit(stage1, objective, data, tokenizer, config, run_dir / "stage1", steps)
     table = stage1.granularity.table()
     importance = tensor_importance(table, task_vectors.sq_norms(), task_vectors.infos)
-    rows = {n: (i.shape[0] if i.shape else 1) for n, i in task_vectors.infos.items()}
-    counts = allocate_chunks(importance, int(gran_cfg["budget"]), rows)
+    limits = {n: chunk_limit(i, gran_cfg.get("chunking", "flat")) for n, i in task_vectors.infos.items()}
+    counts = allocate_chunks(importance, int(gran_cfg["budget"]), limits)
     log.info("Expert Merging++ chunk allocation (budget %s): %s", gran_cfg["budget"], counts)
     (run_dir / "chunk_allocation.json").write_text(json.dumps({"importance": importance, "counts": counts}, indent=2))
     return counts, table
@@ -312,15 +313,15 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     output_dir = config.get("output_dir")
     if output_dir:
         check_output_dir(output_dir, bool(config.get("overwrite")))
-    if (config.get("objective") or {}).get("name") == "projected" and parse_offload(config["pool"].get("offload")):
-        raise AdamergeError("objective=projected (DOGE) rewrites the task vectors themselves, next to the "
-                            "coefficients; it does not take pool.offload=cpu")
+    objective: Objective = construct(OBJECTIVES, "objective", config["objective"])
+    if not objective.supports_offload and parse_offload(config["pool"].get("offload")):
+        raise AdamergeError(f"objective={config['objective']['name']} rewrites the task vectors themselves, next to "
+                            "the coefficients; it does not take pool.offload=cpu")
     pl.seed_everything(seed, workers=True, verbose=False)
     pool = pool or build_pool(config["pool"])
     task_vectors = task_vectors or build_task_vectors(pool, config["pool"], seed)
     tokenizer = build_tokenizer(pool, bool(config["pool"].get("trust_remote_code")))
     causal = is_causal(pool)
-    objective: Objective = construct(OBJECTIVES, "objective", config["objective"])
     data = build_datamodule(config.get("data") or {}, list(task_vectors.experts), tokenizer, objective, causal, seed)
     max_steps = int((config.get("trainer") or {}).get("max_steps", 0))
     merged, steps_left = build_merged(pool, task_vectors, config, objective, data, tokenizer, run_dir, max_steps)
@@ -390,7 +391,7 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
                "fold max |diff| (logits)": result.fold_max_diff}
     if heads:
         details["tasks"] = getattr(merged.base, "heads_file", None) or ", ".join(f"tasks/{t}" for t in merged.experts)
-    coefficients = {**result.coefficients, **objective.saved_tensors()}
+    coefficients = {**result.coefficients, **granularity.state_tensors(), **objective.state_tensors()}
     save_folded(
         folded, result.output_dir, base_source=pool.base_source,
         experts={k: "in-memory" if isinstance(v, torch.nn.Module) or callable(v) else str(v)

@@ -52,6 +52,18 @@ class MergeModule(pl.LightningModule):
         self.optim = dict(optim or {})
         self.strict_loading = False  # checkpoints hold only the trainable tensors
 
+    def on_fit_start(self) -> None:
+        """Train mode before Lightning checks for modules left in eval mode (a loaded model is in eval mode)."""
+        self.train()
+
+    def on_train_start(self) -> None:
+        """The mode of the paper's loop: dropout on or off as the objective declares (``Objective.dropout``)."""
+        self.merged.train(self.objective.dropout)
+
+    def on_train_end(self) -> None:
+        """Back to eval mode for what follows training: the fold check, evaluation, the next stage."""
+        self.eval()
+
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 

@@ -173,13 +173,13 @@ def test_task_is_one_shared_coefficient(gpt2_family):
 
 @pytest.mark.parametrize("partitions", [1, 3, 5])
 def test_block_partitions_rows(llama_family, partitions):
-    g = set_up(Block(partitions=partitions), llama_family)
+    g = set_up(Block(partitions=partitions, partition="rows"), llama_family)
     check_row_chunks(g, "model.layers.0.mlp.gate_proj.weight", partitions)  # 64 rows
     check_row_chunks(g, "model.norm.weight", partitions)  # 1-D: 32 rows
 
 
 def test_block_with_fewer_rows_than_partitions(bert_family):
-    g = set_up(Block(partitions=8), bert_family)
+    g = set_up(Block(partitions=8, partition="rows"), bert_family)
     check_row_chunks(g, "bert.embeddings.token_type_embeddings.weight", 2)  # (2, 32): one partition per row
     check_row_chunks(g, "bert.pooler.dense.weight", 8)
     with pytest.raises(AdamergeError, match=r"granularity\.partitions=0 must be >= 1"):
@@ -188,7 +188,8 @@ def test_block_with_fewer_rows_than_partitions(bert_family):
 
 def test_chunk_globs_and_counts(llama_family):
     counts = {"model.layers.1.mlp.up_proj.weight": 2}
-    g = set_up(Chunk(chunks={"*gate_proj*": 8, "*.mlp.*": 4, "*embed*": 5}, counts=counts), llama_family)
+    g = set_up(Chunk(chunks={"*gate_proj*": 8, "*.mlp.*": 4, "*embed*": 5}, counts=counts, chunking="rows"),
+               llama_family)
     shapes = {name.replace("/", "."): p.shape[1] for name, p in g.raw.items()}
     assert shapes["model.layers.0.mlp.gate_proj.weight"] == 8  # first matching glob wins
     assert shapes["model.layers.1.mlp.gate_proj.weight"] == 8
@@ -202,12 +203,12 @@ def test_chunk_globs_and_counts(llama_family):
 
 
 def test_chunk_conv1d_splits_stored_rows(gpt2_family):
-    g = set_up(Chunk(chunks={"*c_fc.weight": 3}), gpt2_family)
+    g = set_up(Chunk(chunks={"*c_fc.weight": 3}, chunking="rows"), gpt2_family)
     check_row_chunks(g, "transformer.h.0.mlp.c_fc.weight", 3)
 
 
 def test_chunk_more_chunks_than_rows(llama_family):
-    g = Chunk(chunks={"*k_proj.weight": 17})
+    g = Chunk(chunks={"*k_proj.weight": 17}, chunking="rows")
     message = r"17 chunks for 'model\.layers\.0\.self_attn\.k_proj\.weight', which has 16 rows"
     with pytest.raises(AdamergeError, match=message):
         set_up(g, llama_family)

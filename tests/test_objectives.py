@@ -53,8 +53,8 @@ def test_collator_left_pads_and_masks_the_prompt_in_labels(tok):
 
 
 def test_positions_must_be_known():
-    with pytest.raises(AdamergeError, match="objective.positions='all'"):
-        Objective(positions="all")
+    with pytest.raises(AdamergeError, match="objective.positions='every'"):
+        Objective(positions="every")
 
 
 @pytest.mark.parametrize("positions", ["last", "generated"])

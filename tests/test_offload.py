@@ -104,5 +104,5 @@ def test_projected_objective_refuses_offload_before_loading_anything(tmp_path):
                  "+pool.experts.a=./a", "output_dir=null", "logger=none"]
     with initialize_config_module("adamerge.conf", version_base=None):
         cfg = compose("config", overrides=overrides)
-    with pytest.raises(AdamergeError, match=r"objective=projected \(DOGE\) .* does not take pool.offload=cpu"):
+    with pytest.raises(AdamergeError, match=r"objective=projected rewrites .* does not take pool.offload=cpu"):
         run(cfg, tmp_path)

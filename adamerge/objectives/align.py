@@ -2,9 +2,15 @@
 
 For a batch of task k the teacher is expert k alone. Loss =
 ``alpha_k * [T^2 * KL(teacher/T || merged/T) + w_h * mean_l MSE(h_l merged, h_l teacher)]
-+ gamma * mean |c - init|``. Teachers are the merged model in teacher mode (``as_expert``),
-run once before training; their top-k logits and chosen hidden states are cached per example,
-so no expert model is ever held in memory.
++ gamma * mean |c - init|``. Teachers are the merged model in teacher mode (``as_expert``), so no
+expert model is ever held in memory: ``teacher=cached`` runs them once before training (in eval
+mode, as Expert Merging's ``teacher_model.eval()``) and keeps their top-k logits and chosen
+hidden states per example; ``teacher=online`` runs them on each step's batch, without gradient,
+in the training mode (DAM's ``generate_logits_on_fly``), which holds nothing between steps.
+
+The student trains in train mode (dropout on), as Expert Merging's loop (github.com/Littleor/ExpertMerging,
+``InternVL/parametric_task_vector_model.py``, ``train_step``: ``teacher_model.eval()``, then
+``self.student_model.train()``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from adamerge.data import model_inputs
+from adamerge.errors import AdamergeError
 from adamerge.objectives.base import (
     Objective,
     is_causal_batch,
@@ -61,15 +68,24 @@ def topk_kl(top_logp: torch.Tensor, top_indices: torch.Tensor, student_logits: t
     return top + rest_teacher * (torch.log(rest_teacher.clamp(min=1e-12)) - torch.log(rest_student))
 
 
+TEACHERS = ("cached", "online")
+
+
 class Align(Objective):
     """Args: temperature T, hidden_weight w_h, hidden_layers (hidden_states indices; default the
-    middle layer), coef_reg gamma, top_k teacher logits kept (None: all)."""
+    middle layer), coef_reg gamma, top_k teacher logits kept (None: all), teacher (``cached`` or
+    ``online``, see the module docstring)."""
+
+    dropout = True
 
     def __init__(self, temperature: float = 1.0, hidden_weight: float = 1.0, hidden_layers: Sequence[int] | None = None,
-                 coef_reg: float = 1.0, top_k: int | None = 64, **kwargs) -> None:
+                 coef_reg: float = 1.0, top_k: int | None = 64, teacher: str = "cached", **kwargs) -> None:
         super().__init__(**kwargs)
+        if teacher not in TEACHERS:
+            raise AdamergeError(f"objective.teacher={teacher!r}; choose from {list(TEACHERS)}")
         self.temperature, self.hidden_weight, self.coef_reg, self.top_k = temperature, hidden_weight, coef_reg, top_k
         self.hidden_layers = list(hidden_layers) if hidden_layers is not None else None
+        self.teacher = teacher
         self.cache: dict[str, list[TeacherRow]] = {}
 
     def setup(self, merged, data, tokenizer=None) -> None:
@@ -77,25 +93,32 @@ class Align(Objective):
         if self.hidden_layers is None:
             self.hidden_layers = [merged.base.config.num_hidden_layers // 2]
         self.init = merged.granularity.init_values(merged.experts)
-        for task in data.datasets:
-            self.cache[task] = self.teacher_rows(merged, task, data.loader(task, shuffle=False))
+        if self.teacher == "cached":
+            for task in data.datasets:
+                self.cache[task] = self.teacher_rows(merged, task, data.loader(task, shuffle=False))
+
+    def teacher_rows(self, merged, task: str, loader) -> list[TeacherRow]:
+        """Teacher outputs for every example of a task, in loader order (indexed by ``batch["index"]``)."""
+        rows: list[TeacherRow] = []
+        for batch in loader:
+            rows += self.teacher_batch(merged, task, {k: v.to(merged.base.device) for k, v in batch.items()})
+        return rows
 
     @torch.no_grad()
-    def teacher_rows(self, merged, task: str, loader) -> list[TeacherRow]:
+    def teacher_batch(self, merged, task: str, batch: dict[str, torch.Tensor]) -> list[TeacherRow]:
+        """Expert ``task``'s outputs at the scored positions of each row of a batch."""
         rows: list[TeacherRow] = []
         with merged.as_expert(task):
-            for batch in loader:
-                batch = {k: v.to(merged.base.device) for k, v in batch.items()}
-                inputs, scored, ids = self.student_inputs(merged, batch)
-                out = merged(**inputs, output_hidden_states=self.hidden_weight > 0)
-                p = scored.shape[1]
-                logp = torch.log_softmax(scored_logits(out.logits, p).float() / self.temperature, -1)
-                values, indices = logp.topk(min(self.top_k or logp.shape[-1], logp.shape[-1]), -1)
-                hidden = hidden_at(out.hidden_states, self.hidden_layers, p, ids is not None) \
-                    if self.hidden_weight > 0 else None
-                for i, n in enumerate(scored.sum(1).tolist()):
-                    rows.append(TeacherRow(None if ids is None else ids[i], values[i, -n:], indices[i, -n:],
-                                           None if hidden is None else hidden[i, :, -n:]))
+            inputs, scored, ids = self.student_inputs(merged, batch)
+            out = merged(**inputs, output_hidden_states=self.hidden_weight > 0)
+        p = scored.shape[1]
+        logp = torch.log_softmax(scored_logits(out.logits, p).float() / self.temperature, -1)
+        values, indices = logp.topk(min(self.top_k or logp.shape[-1], logp.shape[-1]), -1)
+        hidden = hidden_at(out.hidden_states, self.hidden_layers, p, ids is not None) \
+            if self.hidden_weight > 0 else None
+        for i, n in enumerate(scored.sum(1).tolist()):
+            rows.append(TeacherRow(None if ids is None else ids[i], values[i, -n:], indices[i, -n:],
+                                   None if hidden is None else hidden[i, :, -n:]))
         return rows
 
     def student_inputs(self, model, batch):
@@ -107,7 +130,10 @@ class Align(Objective):
         return inputs, scored, rows
 
     def task_loss(self, merged, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        teacher = [self.cache[task][i] for i in batch["index"].tolist()]
+        if self.teacher == "online":
+            teacher = self.teacher_batch(merged, task, batch)
+        else:
+            teacher = [self.cache[task][i] for i in batch["index"].tolist()]
         causal = teacher[0].ids is not None
         if causal:
             inputs, scored = pack_rows([t.ids for t in teacher], [len(t.top_values) for t in teacher], self.pad_id)

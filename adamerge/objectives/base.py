@@ -1,10 +1,17 @@
 """The Objective interface and the scoring convention every objective shares.
 
 A causal-LM batch is left-padded; an objective scores the *last n_i positions* of row i: the
-position that predicts the answer's first token (``positions=last``) or, with
-``positions=generated``, every position that predicts a token of a greedy continuation. Because
+position that predicts the answer's first token (``positions=last``), with
+``positions=generated`` every position that predicts a token of a greedy continuation, or with
+``positions=all`` every non-padded position of the calibration text, teacher-forced. Because
 rows are right-aligned, the scored logits are ``logits[:, -P:]`` with a ``(B, P)`` mask. A
 classifier's logits ``(B, C)`` are one scored position per row.
+
+What an objective needs from the run is declared on its class, not guessed from its name by the
+caller: ``needs_data`` (calibration rows per task), ``needs_labels`` (rows carry the answer or
+label), ``supports_offload`` (works with task vectors in host memory, ``pool.offload=cpu``),
+``dropout`` (the mode the paper's training loop runs the model in), and ``state_tensors`` /
+``load_state_tensors`` for tensors of its own that the fold needs (DOGE's deltas).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from adamerge.data import left_pad, position_ids
 from adamerge.errors import AdamergeError
 from adamerge.generation import greedy_continuations
 
-POSITIONS = ("last", "generated")
+POSITIONS = ("last", "generated", "all")
 
 
 class Objective:
@@ -28,16 +35,25 @@ class Objective:
         positions: which causal-LM positions are scored (see module docstring).
         new_tokens: length of greedy continuations when ``positions=generated``.
         task_weights: task -> weight of its loss (default 1); the module applies them.
+        dropout: train with dropout on (train mode) or off (eval mode); None: as the paper's loop
+            (the class's ``dropout``).
     """
 
-    needs_data = True
+    needs_data = True  # calibration rows per task (else one placeholder batch per step)
+    needs_labels = False  # rows carry the answer (causal LM) or label (classifier)
+    supports_offload = True  # works with task vectors in host memory (pool.offload=cpu)
+    dropout = False  # the mode of the paper's training loop: True = train mode (dropout on)
+    state_prefix = "objective."  # keys of ``state_tensors`` in the saved coefficients file
 
-    def __init__(self, positions: str = "last", new_tokens: int = 8, task_weights: Mapping[str, float] | None = None):
+    def __init__(self, positions: str = "last", new_tokens: int = 8, task_weights: Mapping[str, float] | None = None,
+                 dropout: bool | None = None):
         if positions not in POSITIONS:
             raise AdamergeError(f"objective.positions={positions!r}; choose from {list(POSITIONS)}")
         self.positions, self.new_tokens = positions, new_tokens
         self.task_weights = dict(task_weights or {})
         self.pad_id, self.eos_id = 0, None
+        if dropout is not None:
+            self.dropout = bool(dropout)
 
     def setup(self, merged: nn.Module, data, tokenizer=None) -> None:
         """Called once before training (teachers are cached here)."""
@@ -61,9 +77,14 @@ class Objective:
     def finish(self, merged: nn.Module) -> None:
         """Called after training, before the fold (DOGE writes its adjusted task vectors here)."""
 
-    def saved_tensors(self) -> dict[str, torch.Tensor]:
-        """Extra tensors stored beside the coefficients so that ``adamerge fold`` can redo the fold."""
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors of its own stored beside the coefficients (keys start with ``state_prefix``), so
+        that ``adamerge fold`` can redo the fold."""
         return {}
+
+    def load_state_tensors(self, merged: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Put ``merged`` in the state ``finish`` left it in, from saved ``state_tensors`` (the file
+        may hold other keys too)."""
 
     # ---- scoring helpers shared by the objectives ----------------------------------------------
 
@@ -72,6 +93,8 @@ class Objective:
         rows = [ids[m.bool()] for ids, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
         if self.positions == "last":
             return rows, [1] * len(rows)
+        if self.positions == "all":
+            return rows, [len(r) for r in rows]
         gens = greedy_continuations(model, batch["input_ids"], batch["attention_mask"], self.new_tokens, self.eos_id)
         return [torch.cat([r, g[:-1]]) for r, g in zip(rows, gens, strict=True)], [max(len(g), 1) for g in gens]
 

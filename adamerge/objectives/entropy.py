@@ -2,7 +2,11 @@
 
 Low prediction entropy on unlabeled test inputs correlates with low loss, so minimizing it adapts
 the merge coefficients without labels. Classifiers: entropy of the class distribution. Causal LMs:
-token entropy at the scored positions (``positions=last`` or ``generated``, see ``base``).
+token entropy at the scored positions (``positions=last``, ``generated`` or ``all``, see ``base``).
+
+The model stays in eval mode (dropout off), as in AdaMerging's loop
+(``src/main_layer_wise_adamerging.py``): its evaluation before training calls ``model.eval()``
+(``src/eval.py``) on the very encoder it then trains, and nothing switches it back.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from adamerge.objectives.base import (
 
 
 class Entropy(Objective):
+    dropout = False
+
     def task_loss(self, merged, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if not is_causal_batch(batch):
             return entropy(merged(**model_inputs(batch)).logits).mean()

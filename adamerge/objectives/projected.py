@@ -39,6 +39,7 @@ class Projected(Objective):
     no mask), shared_rank (k of the shared subspace; None: r // K)."""
 
     needs_data = False
+    supports_offload = False  # it rewrites the task vectors themselves, next to the coefficients
 
     def __init__(self, rho: float = 0.07, mask_density: float | None = None, shared_rank: int | None = None,
                  **kwargs) -> None:
@@ -101,5 +102,16 @@ class Projected(Objective):
         for name in self.names:
             merged.replace_stack(name, self.adjusted(merged, name).to(merged.stack(name).dtype))
 
-    def saved_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"delta.{key.replace('/', '.')}": d.detach() for key, d in self.deltas.items()}
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{self.state_prefix}delta.{key.replace('/', '.')}": d.detach() for key, d in self.deltas.items()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, merged, tensors) -> None:
+        """Rebuild the adjusted task vectors ``(tau_i + delta) * mask_i`` from the saved deltas."""
+        self.setup(merged, None)
+        for key, delta in self.deltas.items():
+            saved = tensors.get(f"{self.state_prefix}delta.{key.replace('/', '.')}")
+            if saved is None:
+                raise AdamergeError(f"the saved coefficients hold no DOGE delta for {key.replace('/', '.')!r}")
+            delta.copy_(saved)
+        self.finish(merged)
