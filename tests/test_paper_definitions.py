@@ -171,6 +171,18 @@ def test_flat_chunk_count_is_what_torch_chunk_makes(llama_family):
     assert (chunk_limit(info, "flat"), chunk_limit(info, "rows")) == (64 * 32, 64)
 
 
+def test_expert_merging_pp_allocates_flat_chunks_beyond_the_row_count(llama_family):
+    """Expert Merging++ with flat chunks may give a tensor more chunks than it has rows."""
+    from adamerge.allocation import allocate_chunks
+
+    infos = llama_family.infos()
+    names = ["model.layers.0.self_attn.k_proj.weight", "model.norm.weight"]  # (16, 32) and (32,)
+    counts = allocate_chunks({names[0]: 0.9, names[1]: 0.1}, 60, {n: chunk_limit(infos[n], "flat") for n in names})
+    assert counts == {names[0]: 53, names[1]: 7}  # 1 each, then 52.2 and 5.8 of 58: largest remainder
+    rows = allocate_chunks({names[0]: 0.9, names[1]: 0.1}, 60, {n: chunk_limit(infos[n], "rows") for n in names})
+    assert rows == {names[0]: 16, names[1]: 32}  # capped at the rows: 12 of the budget have nowhere to go
+
+
 # ---- DAM: KL over every non-padded token, teacher-forced ----------------------------------------------
 
 
