@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -40,15 +41,19 @@ def hydra_main(cfg: DictConfig) -> None:
     from pytorch_lightning.utilities.exceptions import SIGTERMException  # here: config errors stay fast
 
     from adamerge.checkpointing import Interrupted
+    from adamerge.terminal import quiet
 
+    quiet(bool(cfg.get("verbose")))
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
+    start = time.perf_counter()
     try:
         duplicate = duplicate_experts(overrides)
         if duplicate:
             raise AdamergeError(duplicate)
         summary = {"status": "ok", "overrides": overrides, **execute(cfg, run_dir)}
+        summary["seconds"] = time.perf_counter() - start  # the job's wall time, loading included
     except SIGTERMException as e:  # adamerge.checkpointing.Interrupted (SIGINT/SIGTERM) or Lightning's own
         stopped = isinstance(e, Interrupted)
         checkpoint = run_dir / "checkpoints" / "interrupted.ckpt"
@@ -57,7 +62,8 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(e.code if stopped else 143)
     except Exception as raised:  # recorded for the sweep summary, then reported
         e = adamerge_cause(raised)
-        summary = {"status": "failed", "overrides": overrides, "error": f"{type(e).__name__}: {e}"}
+        summary = {"status": "failed", "overrides": overrides, "error": f"{type(e).__name__}: {e}",
+                   "seconds": time.perf_counter() - start}
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
         if hydra_cfg.mode == RunMode.MULTIRUN:
             log.error("job failed: %s", summary["error"])
@@ -70,6 +76,16 @@ def hydra_main(cfg: DictConfig) -> None:
 
     if rank_zero_only.rank == 0:  # DDP ranks share the run dir
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+        log.info("%s", where_output_went(summary, run_dir))
+
+
+def where_output_went(summary: dict, run_dir: Path) -> str:
+    """The run's last line: where the table or the folded checkpoint and the logs are."""
+    if "table" in summary:
+        return f"table: {run_dir / 'results.md'} (per-method logs in {run_dir})"
+    if summary.get("output_dir"):
+        return f"folded checkpoint: {summary['output_dir']} (logs in {run_dir})"
+    return f"no output_dir; logs and metrics in {run_dir}"
 
 
 def adamerge_cause(error: BaseException) -> BaseException:

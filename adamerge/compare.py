@@ -132,7 +132,8 @@ def compare(cfg: DictConfig, run_dir: Path, compose=compose_method) -> dict[str,
         method_cfg = as_dict(compose(method["overrides"]))
         method_cfg["output_dir"] = None
         # each method is its own logger run, named after it and grouped with the others of this table
-        method_cfg["logger"] = {**method_cfg["logger"], "run_name": method["name"], "group": "/".join(run_dir.parts[-2:])}
+        method_cfg["logger"] = {**method_cfg["logger"], "run_name": method["name"],
+                                "group": "/".join(run_dir.parts[-2:])}
         tv = prepare_task_vectors(raw, method_cfg["pool"], int(method_cfg.get("seed", 0)))
         log.info("method %s: %s", method["name"], " ".join(method["overrides"]))
         result = run(OmegaConf.create(method_cfg), run_dir / slug(method["name"]), pool, tv)

@@ -25,6 +25,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
+from adamerge.card import model_card
 from adamerge.errors import AdamergeError
 
 log = logging.getLogger(__name__)
@@ -41,30 +42,6 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise AdamergeError(f"output_dir={str(path)!r} exists and is not empty; set overwrite=true to replace it")
     return path
-
-
-def model_card(
-    base_model: str | None,
-    experts: Mapping[str, str],
-    details: Mapping[str, Any],
-    metrics: Mapping[str, Mapping[str, float]] | None = None,
-) -> str:
-    """Hugging Face model card with the merge front matter and a human-readable summary."""
-    front = {"base_model": base_model, "base_model_relation": "merge", "tags": ["adamerge", "merge"]}
-    front = {k: v for k, v in front.items() if v is not None}
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "library_name: transformers", "---", ""]
-    lines += ["# Merged model", "", f"Merged with [adamerge](https://github.com/adamerge/adamerge) from "
-              f"{len(experts)} expert(s) on top of `{base_model or 'an in-memory base'}`.", ""]
-    lines += ["| expert (task) | source |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in experts.items()]
-    lines += ["", "## Merge", ""] + [f"- {k}: `{v}`" for k, v in details.items()]
-    if metrics:
-        columns = sorted({c for row in metrics.values() for c in row})
-        lines += ["", "## Metrics", "", "| model | " + " | ".join(columns) + " |",
-                  "|---" * (len(columns) + 1) + "|"]
-        for name, row in metrics.items():
-            cells = [f"{row[c]:.4f}" if c in row else "" for c in columns]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def save_coefficients(path: Path, table: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
@@ -173,7 +150,8 @@ def save_folded(
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(dict(config or {}), sort_keys=False))
         card_details = {**(details or {}), "trust_remote_code": trust_remote_code}
         base_name = str(base_source) if base_source is not None else None
-        (tmp / "README.md").write_text(model_card(base_name, experts or {}, card_details, metrics))
+        (tmp / "README.md").write_text(model_card(base_name, experts or {}, card_details, metrics, coefficients,
+                                                    config))
         if extra_files is not None:
             extra_files(tmp)
         replace_dir(tmp, target)

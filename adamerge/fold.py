@@ -1,4 +1,4 @@
-"""``adamerge fold RUN_DIR --output OUT``: fold the coefficients saved by a run again, without training.
+"""``adamerge fold OUTPUT_DIR --output NEW_DIR``: fold a run's saved coefficients again, without training.
 
 Reads ``adamerge_config.yaml`` and ``adamerge_coefficients.safetensors`` from a folded checkpoint,
 rebuilds the pool and task vectors from the recorded sources, loads the coefficients as they were
@@ -49,9 +49,12 @@ def refold(source: str | Path, output_dir: str | Path, overwrite: bool = False) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adamerge fold", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="a folded checkpoint written by adamerge (holds the coefficients)")
-    parser.add_argument("--output", required=True, help="where to write the new folded checkpoint")
+    description = ("Fold the coefficients saved in an adamerge output directory into a new checkpoint, without "
+                   "training (e.g. after moving the experts).")
+    parser = argparse.ArgumentParser(prog="adamerge fold", description=description)
+    parser.add_argument("source", metavar="OUTPUT_DIR",
+                        help="a folded checkpoint written by adamerge (its output_dir: holds the coefficients)")
+    parser.add_argument("--output", required=True, metavar="NEW_DIR", help="where to write the new folded checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     args = parser.parse_args(argv)
     try:

@@ -18,6 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
 from adamerge.allocation import allocate_chunks, tensor_importance
@@ -26,10 +27,12 @@ from adamerge.data import Collator, DataFree, TaskDataModule, load_task_examples
 from adamerge.errors import AdamergeError
 from adamerge.export import check_output_dir, copy_tokenizer, save_folded
 from adamerge.granularity import GRANULARITIES, Layer, chunk_limit
+from adamerge.loggers import build_logger, finish_logger
 from adamerge.merged import MergedModel
 from adamerge.objectives import OBJECTIVES, Objective
 from adamerge.pool import ExpertPool
 from adamerge.taskvectors import TaskVectors, preprocess
+from adamerge.terminal import StepProgressBar
 from adamerge.training import MergeModule
 
 log = logging.getLogger(__name__)
@@ -176,24 +179,6 @@ def build_datamodule(cfg: Mapping, experts: list[str], tokenizer, objective: Obj
                           seed=seed)
 
 
-def build_logger(cfg: Mapping, save_dir: Path, config: Mapping):
-    name = (cfg or {}).get("name", "none")
-    if name == "none":
-        return False
-    if name == "csv":
-        return pl.loggers.CSVLogger(save_dir=str(save_dir), name="logs")
-    if name == "tensorboard":
-        return pl.loggers.TensorBoardLogger(save_dir=str(save_dir), name="logs")
-    if name == "wandb":
-        import os
-
-        mode = cfg.get("mode") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        logger = pl.loggers.WandbLogger(project=cfg.get("project", "adamerge"), entity=cfg.get("entity"),
-                                        save_dir=str(save_dir), offline=mode == "offline", config=dict(config))
-        return logger
-    raise AdamergeError(f"logger={name!r}; choose from csv, wandb, tensorboard, none")
-
-
 @dataclass
 class RunResult:
     output_dir: Path | None
@@ -240,32 +225,29 @@ def fold_difference(merged: MergedModel, folded, batch: Mapping[str, torch.Tenso
 
 
 def fit(merged: MergedModel, objective: Objective, data, tokenizer, config: Mapping, run_dir: Path, max_steps: int,
-        resume: str | None = None) -> None:
+        logger: Logger | None = None, resume: str | None = None) -> None:
     """One ``Trainer.fit`` of the coefficients (and the objective's extra tensors)."""
     objective.setup(merged, data, tokenizer)
     module = MergeModule(merged, objective, config.get("optim"))
-    logger = build_logger(config.get("logger"), run_dir, config)
     trainer_cfg = {**(config.get("trainer") or {}), "max_steps": max_steps}
     callbacks, plugins = [], []
     if trainer_cfg.get("enable_checkpointing", True):
         every = int((config.get("checkpoint") or {}).get("every_n_steps", 50))
         callbacks, plugins = checkpoint_callbacks(run_dir, every), [AtomicCheckpointIO()]
-    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=callbacks, plugins=plugins,
+    if trainer_cfg.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
+    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger or False, callbacks=callbacks, plugins=plugins,
                          **trainer_cfg)
     trainer.fit(module, datamodule=data or DataFree(max_steps), ckpt_path=resume)
     objective.finish(merged)
-    if logger and (config.get("logger") or {}).get("name") == "wandb":
-        from adamerge.plots import log_heatmap
-
-        log_heatmap(logger, merged)
 
 
 def chunk_allocation_stage(pool: ExpertPool, task_vectors: TaskVectors, gran_cfg: dict, objective: Objective, data,
-                           tokenizer, config: Mapping, run_dir: Path, steps: int):
+                           tokenizer, config: Mapping, run_dir: Path, steps: int, logger: Logger | None = None):
     """Expert Merging++ stage 1: train layer-wise, then allocate the chunk budget by importance."""
     common = {k: gran_cfg[k] for k in ("init", "transform", "space") if k in gran_cfg}
     stage1 = MergedModel(pool.base, task_vectors, Layer(**common), bool(config.get("recompute")))
-    fit(stage1, objective, data, tokenizer, config, run_dir / "stage1", steps)
+    fit(stage1, objective, data, tokenizer, config, run_dir / "stage1", steps, logger)
     table = stage1.granularity.table()
     importance = tensor_importance(table, task_vectors.sq_norms(), task_vectors.infos)
     limits = {n: chunk_limit(i, gran_cfg.get("chunking", "flat")) for n, i in task_vectors.infos.items()}
@@ -276,7 +258,7 @@ def chunk_allocation_stage(pool: ExpertPool, task_vectors: TaskVectors, gran_cfg
 
 
 def build_merged(pool: ExpertPool, task_vectors: TaskVectors, config: Mapping, objective: Objective, data, tokenizer,
-                 run_dir: Path, max_steps: int) -> tuple[MergedModel, int]:
+                 run_dir: Path, max_steps: int, logger: Logger | None = None) -> tuple[MergedModel, int]:
     """The MergedModel to train; with ``granularity.budget`` (chunk), after Expert Merging++'s stage 1.
 
     Returns the model and the number of steps left for the main fit.
@@ -293,7 +275,7 @@ def build_merged(pool: ExpertPool, task_vectors: TaskVectors, config: Mapping, o
         raise AdamergeError("granularity.budget (Expert Merging++ allocation) needs granularity=chunk")
     steps1 = int(stage1_steps or max_steps // 2)
     counts, table = chunk_allocation_stage(pool, task_vectors, {**gran_cfg, "budget": budget}, objective, data,
-                                           tokenizer, config, run_dir, steps1)
+                                           tokenizer, config, run_dir, steps1, logger)
     chunk = construct(GRANULARITIES, "granularity", {**gran_cfg, "counts": counts})
     merged = MergedModel(pool.base, task_vectors, chunk, bool(config.get("recompute")))
     chunk.load_table(table)
@@ -324,13 +306,16 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     causal = is_causal(pool)
     data = build_datamodule(config.get("data") or {}, list(task_vectors.experts), tokenizer, objective, causal, seed)
     max_steps = int((config.get("trainer") or {}).get("max_steps", 0))
-    merged, steps_left = build_merged(pool, task_vectors, config, objective, data, tokenizer, run_dir, max_steps)
+    logger = build_logger(config.get("logger"), run_dir, config)
+    merged, steps_left = build_merged(pool, task_vectors, config, objective, data, tokenizer, run_dir, max_steps,
+                                      logger)
     eval_cfg = config.get("eval") or {}
     metrics = {"before": evaluate_merged(merged, tokenizer, eval_cfg, causal)}
     if steps_left != 0:
-        fit(merged, objective, data, tokenizer, config, run_dir, steps_left, config.get("resume"))
+        fit(merged, objective, data, tokenizer, config, run_dir, steps_left, logger, config.get("resume"))
 
     metrics["after"] = evaluate_merged(merged, tokenizer, eval_cfg, causal)
+    finish_logger(logger, metrics, merged, max_steps)
     diff = None
     if data is not None:
         first = merged.experts[0]

@@ -1,4 +1,9 @@
-"""Hydra callback: after a multirun, one summary table (CSV + markdown) of every job's final metrics."""
+"""Hydra callback: after a multirun, one summary table (``summary.csv`` + ``summary.md``) of every job.
+
+A row per job (a method comparison job: a row per method) with its final test scores in percent
+(average first, then each task), its wall seconds and its overrides, best average first; failed
+jobs come last with their error. Jobs are read back from their ``result.json``.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,37 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+NOT_SCORES = ("time (s)", "norm. avg")
+
+
+def percent(scores: dict[str, float]) -> dict[str, float]:
+    """Scores in [0, 1] as percent with one decimal, ``avg`` first."""
+    ordered = {"avg": scores["avg"], **scores} if "avg" in scores else scores
+    return {k: round(100 * v, 1) for k, v in ordered.items() if k not in NOT_SCORES and isinstance(v, int | float)}
+
+
+def job_rows(job: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row for a single run; one per method (the base and experts included) for a comparison."""
+    common = {"job": job, "status": result["status"]}
+    tail = {"seconds": round(result.get("seconds", 0.0), 1), "overrides": " ".join(result.get("overrides", [])),
+            "error": result.get("error", "")}
+    if result.get("table"):
+        return [{**common, "method": name, **percent(row), **tail, "seconds": round(row.get("time (s)", 0.0), 1)}
+                for name, row in result["table"].items()]
+    after = (result.get("metrics") or {}).get("after") or {}
+    return [{**common, **percent(after), **tail}]
+
+
+def job_order(result: Path) -> tuple[int, str]:
+    name = result.parent.name
+    return (int(name), "") if name.isdigit() else (1 << 30, name)
+
 
 def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    rows = []
-    for result in sorted(sweep_dir.glob("*/result.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit()
-                         else p.parent.name):
-        job = json.loads(result.read_text())
-        row = {"job": result.parent.name, "overrides": " ".join(job.get("overrides", [])), "status": job["status"]}
-        after = (job.get("metrics") or {}).get("after") or {}
-        row.update({f"after/{k}": round(v, 4) for k, v in after.items()})
-        row["seconds"] = round(job.get("seconds", 0.0), 1)
-        row["error"] = job.get("error", "")
-        rows.append(row)
-    return rows
+    """Every job's rows, best ``avg`` first; jobs without scores (failed, or no ``eval.tests``) last."""
+    rows = [row for result in sorted(sweep_dir.glob("*/result.json"), key=job_order)
+            for row in job_rows(result.parent.name, json.loads(result.read_text()))]
+    return sorted(rows, key=lambda row: -row["avg"] if "avg" in row else float("inf"))
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -30,8 +53,10 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     if not rows:
         return rows
     columns = list(dict.fromkeys(k for row in rows for k in row))
+    if not any(row.get("error") for row in rows):
+        columns.remove("error")
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -44,5 +69,6 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_summary(sweep_dir)
-        failed = sum(r["status"] != "ok" for r in rows)
-        print(f"sweep summary: {len(rows)} jobs, {failed} failed -> {sweep_dir / 'summary.md'}")
+        failed = len({row["job"] for row in rows if row["status"] != "ok"})
+        jobs = len({row["job"] for row in rows})
+        print(f"sweep summary: {jobs} jobs, {failed} failed -> {sweep_dir / 'summary.md'}")

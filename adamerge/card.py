@@ -1,0 +1,134 @@
+"""The model card (``README.md``) of a folded checkpoint: front matter the Hugging Face Hub reads, the
+method with its paper, the experts, a summary of the learned coefficients and the test metrics.
+
+``base_model`` in the front matter is the base exactly as the user named it when that is a hub id
+(``org/name``); a local path means nothing on the Hub and is left out of the front matter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+MOVED_SHOWN = 5  # tensors listed under "moved most"
+
+PAPERS = {
+    "Simple average": "https://arxiv.org/abs/2203.05482",
+    "Task arithmetic": "https://arxiv.org/abs/2212.04089",
+    "TIES-Merging": "https://arxiv.org/abs/2306.01708",
+    "DARE": "https://arxiv.org/abs/2311.03099",
+    "DELLA": "https://arxiv.org/abs/2406.11617",
+    "Model Breadcrumbs": "https://arxiv.org/abs/2312.06795",
+    "AdaMerging": "https://arxiv.org/abs/2310.02575",
+    "AdaMerging++": "https://arxiv.org/abs/2310.02575",
+    "aTLAS": "https://arxiv.org/abs/2407.02880",
+    "Expert Merging": "https://arxiv.org/abs/2509.25712",
+    "Expert Merging++": "https://arxiv.org/abs/2509.25712",
+    "DAM": "https://arxiv.org/abs/2410.08371",
+    "DOGE": "https://arxiv.org/abs/2501.01230",
+}
+STATIC_PREPROCESSING = {"ties": "TIES-Merging", "dare": "DARE", "della": "DELLA", "breadcrumbs": "Model Breadcrumbs"}
+
+
+def hub_id(base: str | None) -> str | None:
+    """``base`` if it names a Hub repository (``org/name``), None for a local path or an in-memory base."""
+    if not base or Path(base).expanduser().exists() or base.startswith((".", "/", "~")):
+        return None
+    return base if HUB_ID.fullmatch(base) else None
+
+
+def method_name(config: Mapping[str, Any]) -> str:
+    """The method a resolved config amounts to (the README's method table read backwards)."""
+    granularity, objective = config.get("granularity") or {}, (config.get("objective") or {}).get("name")
+    preprocess = ((config.get("pool") or {}).get("preprocess") or {}).get("method") or "none"
+    static = int((config.get("trainer") or {}).get("max_steps", 0)) == 0
+    if objective == "projected":
+        return "DOGE"
+    if static:
+        if preprocess in STATIC_PREPROCESSING:
+            return STATIC_PREPROCESSING[preprocess]
+        return "Simple average" if granularity.get("init") == "uniform" else "Task arithmetic"
+    if objective == "dam":
+        return "DAM"
+    if objective == "align":
+        return "Expert Merging++" if granularity.get("budget") or granularity.get("budget_per_tensor") \
+            else "Expert Merging"
+    if objective == "ce" or granularity.get("name") == "block":
+        return "aTLAS"
+    if objective == "entropy":
+        return "AdaMerging++" if preprocess == "ties" else "AdaMerging"
+    return f"learned merge ({objective} objective)"
+
+
+def initial_values(init: Any, experts: Sequence[str]) -> torch.Tensor | None:
+    """Each expert's starting coefficient (``granularity.init``), or None if it is not a plain number."""
+    if init == "uniform":
+        return torch.full((len(experts),), 1.0 / len(experts))
+    if isinstance(init, Mapping):
+        return torch.tensor([float(init[e]) for e in experts])
+    return torch.full((len(experts),), float(init)) if isinstance(init, int | float) else None
+
+
+def coefficient_summary(table: Mapping[str, torch.Tensor], experts: Sequence[str], init: Any = None) -> list[str]:
+    """Markdown: mean/min/max per expert over every coefficient, and the tensors whose coefficients
+    moved furthest from their initial value (mean |c - init| over experts and the tensor's coefficients)."""
+    groups = {k: v.float() for k, v in table.items() if not k.startswith("delta.")}  # DOGE's deltas are no coefficients
+    if not groups:
+        return []
+    flat = torch.cat([c.reshape(len(experts), -1) for c in groups.values()], 1)
+    lines = ["| expert | mean | min | max |", "|---|---|---|---|"]
+    lines += [f"| {e} | {flat[k].mean():.4f} | {flat[k].min():.4f} | {flat[k].max():.4f} |"
+              for k, e in enumerate(experts)]
+    start = initial_values(init, experts)
+    if start is None or len(groups) < 2:
+        return lines
+    moved = {name: (c.reshape(len(experts), -1) - start[:, None]).abs().mean().item() for name, c in groups.items()}
+    top = [name for name in sorted(moved, key=moved.get, reverse=True)[:MOVED_SHOWN] if moved[name] > 0]
+    if top:
+        lines += ["", "Tensors whose coefficients moved most from the start "
+                  f"({', '.join(f'{e}={v:g}' for e, v in zip(experts, start.tolist(), strict=True))}):", "",
+                  "| tensor | mean abs. change | " + " | ".join(experts) + " |", "|---" * (len(experts) + 2) + "|"]
+        for name in top:
+            per_expert = groups[name].reshape(len(experts), -1).mean(1)
+            lines.append(f"| `{name}` | {moved[name]:.4f} | " + " | ".join(f"{v:.4f}" for v in per_expert) + " |")
+    return lines
+
+
+def model_card(
+    base_model: str | None,
+    experts: Mapping[str, str],
+    details: Mapping[str, Any],
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
+    coefficients: Mapping[str, torch.Tensor] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> str:
+    """Hugging Face model card with the merge front matter and a human-readable summary."""
+    front = {"base_model": hub_id(base_model), "base_model_relation": "merge", "tags": ["adamerge", "merge"]}
+    front = {k: v for k, v in front.items() if v is not None}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "library_name: transformers", "---", ""]
+    lines += ["# Merged model", "", f"Merged with [adamerge](https://github.com/adamerge/adamerge) from "
+              f"{len(experts)} expert(s) on top of `{base_model or 'an in-memory base'}`.", ""]
+    if config:
+        method = method_name(config)
+        paper = f" ([paper]({PAPERS[method]}))" if method in PAPERS else ""
+        lines += [f"Method: **{method}**{paper}.", ""]
+    lines += ["| expert (task) | source |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in experts.items()]
+    lines += ["", "## Merge", ""] + [f"- {k}: `{v}`" for k, v in details.items()]
+    summary = coefficient_summary(coefficients or {}, list(experts), ((config or {}).get("granularity") or {})
+                                  .get("init"))
+    if summary:
+        lines += ["", "## Learned coefficients", "", *summary]
+    if metrics:
+        columns = sorted({c for row in metrics.values() for c in row})
+        lines += ["", "## Metrics", "", "| model | " + " | ".join(columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
+        for name, row in metrics.items():
+            cells = [f"{row[c]:.4f}" if c in row else "" for c in columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

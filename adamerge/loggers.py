@@ -1,0 +1,83 @@
+"""Experiment loggers (``logger=csv|tensorboard|wandb|none``): one logger per run, from start to fold.
+
+A run's logger gets the resolved config as hyperparameters before training, Lightning's losses and
+coefficient statistics during it, and afterwards the test metrics before and after training
+(``test/before/TASK``, ``test/after/TASK``) and the coefficient heatmap (TensorBoard, W&B). A
+static merge (``trainer.max_steps=0``) logs the same, without losses. In a method comparison
+each method is its own run: ``logger.run_name`` names it, ``logger.group`` groups them (W&B).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from adamerge.errors import AdamergeError
+
+LOGGERS = ("csv", "tensorboard", "wandb", "none")
+
+
+def build_logger(cfg: Mapping | None, save_dir: Path, config: Mapping) -> Logger | None:
+    """The run's logger (None for ``logger=none``), with ``config`` logged as its hyperparameters."""
+    cfg = dict(cfg or {})
+    name = cfg.get("name", "none")
+    if name == "none":
+        return None
+    if name == "csv":
+        logger = CSVLogger(save_dir=str(save_dir), name="logs")
+    elif name == "tensorboard":
+        logger = TensorBoardLogger(save_dir=str(save_dir), name="logs", default_hp_metric=False)
+    elif name == "wandb":
+        mode = cfg.get("mode") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        logger = WandbLogger(project=cfg.get("project", "adamerge"), entity=cfg.get("entity"),
+                             name=cfg.get("run_name"), group=cfg.get("group"), save_dir=str(save_dir),
+                             offline=mode == "offline")
+        # Lightning always passes ``anonymous``, which this W&B only answers with a deprecation warning
+        logger._wandb_init.pop("anonymous", None)
+    else:
+        raise AdamergeError(f"logger={name!r}; choose from {', '.join(LOGGERS)}")
+    logger.log_hyperparams(dict(config))
+    return logger
+
+
+def test_metrics(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """``{"before": {task: score}, "after": ...}`` -> ``{"test/before/TASK": score, ...}``."""
+    return {f"test/{when}/{task}": float(score) for when, scores in metrics.items() for task, score in scores.items()}
+
+
+def log_heatmap(logger: Logger, merged, step: int) -> None:
+    """The coefficient heatmap as an image: TensorBoard's and W&B's (CSV logs numbers only)."""
+    if not isinstance(logger, TensorBoardLogger | WandbLogger):
+        return
+    import matplotlib.pyplot as plt
+
+    from adamerge.plots import coefficient_heatmap
+
+    fig = coefficient_heatmap(merged.granularity.table(), merged.experts)
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_figure("coefficients/heatmap", fig, global_step=step)
+    else:
+        import wandb
+
+        logger.experiment.log({"coefficients/heatmap": wandb.Image(fig), "trainer/global_step": step})
+    plt.close(fig)
+
+
+def finish_logger(logger: Logger | None, metrics: Mapping[str, Mapping[str, float]], merged, step: int) -> None:
+    """Log the test metrics and the heatmap, then close the run (the next method opens its own)."""
+    if logger is None or rank_zero_only.rank != 0:
+        return
+    scores = test_metrics(metrics)
+    if isinstance(logger, TensorBoardLogger) and scores:  # the HParams tab: the config beside its results
+        logger.log_hyperparams(logger.hparams, metrics=scores, step=step)
+    elif scores:
+        logger.log_metrics(scores, step=step)
+    log_heatmap(logger, merged, step)
+    logger.save()
+    logger.finalize("success")
+    if isinstance(logger, WandbLogger):
+        logger.experiment.finish()
