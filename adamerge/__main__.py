@@ -31,6 +31,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
         return {"table": compare(cfg, run_dir)}
     from adamerge.run import run
 
+    if not cfg.get("output_dir"):
+        raise AdamergeError("output_dir is not set: output_dir=DIR (where the folded checkpoint goes)")
     result = run(cfg, run_dir)
     return {"metrics": result.metrics, "fold_max_diff": result.fold_max_diff, "seconds": result.seconds,
             "output_dir": str(result.output_dir) if result.output_dir else None}
@@ -40,7 +42,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
 def hydra_main(cfg: DictConfig) -> None:
     from pytorch_lightning.utilities.exceptions import SIGTERMException  # here: config errors stay fast
 
-    from adamerge.checkpointing import Interrupted
+    from adamerge.checkpointing import Interrupted, Terminated, raise_on_sigterm
     from adamerge.terminal import quiet
 
     quiet(bool(cfg.get("verbose")))
@@ -48,6 +50,7 @@ def hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     start = time.perf_counter()
+    raise_on_sigterm()  # outside training (loading, the fold) SIGTERM unwinds like Ctrl+C: temporaries are removed
     try:
         duplicate = duplicate_experts(overrides)
         if duplicate:
@@ -60,6 +63,11 @@ def hydra_main(cfg: DictConfig) -> None:
         message = str(e) if stopped else f"stopped by SIGTERM; resume with resume={checkpoint}"
         print(f"adamerge: error: {message}", file=sys.stderr)
         sys.exit(e.code if stopped else 143)
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM outside training: nothing was half-written
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"adamerge: error: stopped by {name} before the run finished; output_dir was not written (an earlier "
+              "one is unchanged)", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except Exception as raised:  # recorded for the sweep summary, then reported
         e = adamerge_cause(raised)
         summary = {"status": "failed", "overrides": overrides, "error": f"{type(e).__name__}: {e}",

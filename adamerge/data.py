@@ -28,7 +28,11 @@ def load_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise AdamergeError(f"data file {str(path)!r} does not exist")
     rows: list[dict] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise AdamergeError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -69,21 +73,30 @@ def load_dataset_examples(source: Mapping, fields: Sequence[str], task: str, lim
     return ds.select(range(min(limit, len(ds)))) if limit else ds
 
 
-def load_task_examples(source: str | Mapping, fields: Sequence[str], task: str,
-                       limit: int | None = None) -> Sequence[Mapping]:
-    """Examples of one task from a JSONL path or ``{dataset, split}``, checked to hold ``fields``."""
+def load_task_examples(source: str | Mapping, fields: Sequence[str], task: str, limit: int | None = None,
+                       integer_fields: Sequence[str] = ()) -> Sequence[Mapping]:
+    """Examples of one task from a JSONL path or ``{dataset, split}``, checked to hold ``fields``.
+
+    JSONL rows are checked whole before any model loads: each field present, text in ``fields`` and an
+    integer in ``integer_fields`` (labels), so a bad row fails here and not mid-training.
+    """
     if isinstance(source, Mapping):
         return load_dataset_examples(source, fields, task, limit)
+    if not isinstance(source, (str, Path)):
+        raise AdamergeError(f"data for task {task!r}: expected a JSONL path or {{dataset, split}}, got {source!r}")
     rows = load_jsonl(source)
+    rows = rows[:limit] if limit else rows
     if not rows:
         raise AdamergeError(f"data for task {task!r} is empty")
-    rows = rows[:limit] if limit else rows
-    for i, row in enumerate(rows, 1):  # every row, so that a bad one fails here and not mid-training
-        if not isinstance(row, Mapping):
-            raise AdamergeError(f"data for task {task!r}: row {i} is not a JSON object")
+    for i, row in enumerate(rows, 1):
         missing = [f for f in fields if f not in row]
         if missing:
             raise AdamergeError(f"data for task {task!r}: row {i} has no field {missing[0]!r} (it has {sorted(row)})")
+        for f in fields:
+            integral = f in integer_fields
+            if not (isinstance(row[f], int) and not isinstance(row[f], bool) if integral else isinstance(row[f], str)):
+                raise AdamergeError(f"data for task {task!r}: row {i} field {f!r} is {type(row[f]).__name__} "
+                                    f"{row[f]!r:.40}, expected {'an integer label' if integral else 'text'}")
     return rows
 
 

@@ -8,26 +8,75 @@ learned (transform already applied) and writes a new folded checkpoint.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import logging
 import sys
 from pathlib import Path
 
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from adamerge.errors import AdamergeError
-from adamerge.export import COEFFICIENTS_FILE, CONFIG_FILE
+from adamerge.export import COEFFICIENTS_FILE, CONFIG_FILE, MARKER_KEY, check_output_dir
+from adamerge.fingerprint import changed_inputs
 from adamerge.granularity import GRANULARITIES, Granularity
 from adamerge.merged import MergedModel
 from adamerge.objectives import OBJECTIVES, Objective
-from adamerge.run import RunResult, build_pool, build_task_vectors, construct, write_output
+from adamerge.run import RunResult, build_pool, build_task_vectors, construct, protected_inputs, write_output
+
+log = logging.getLogger(__name__)
 
 
-def refold(source: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
-    source = Path(source)
+def read_run_config(source: Path) -> tuple[dict, dict]:
+    """The run's config and the record under the output marker (card details, input fingerprints), read as
+    plain YAML data: an empty file, a non-mapping or a YAML tag is refused with one line."""
     if not (source / CONFIG_FILE).is_file() or not (source / COEFFICIENTS_FILE).is_file():
         raise AdamergeError(f"{str(source)!r} has no {CONFIG_FILE} and {COEFFICIENTS_FILE}: not an adamerge output")
-    config = yaml.safe_load((source / CONFIG_FILE).read_text())
-    saved = load_file(str(source / COEFFICIENTS_FILE))
+    try:
+        config = yaml.safe_load((source / CONFIG_FILE).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise AdamergeError(f"{str(source / CONFIG_FILE)!r} is not plain YAML data: {str(e).splitlines()[0]}") from e
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("pool", "granularity",
+                                                                                          "objective")):
+        raise AdamergeError(f"{str(source / CONFIG_FILE)!r} is not an adamerge run config (a mapping with pool, "
+                            "granularity and objective)")
+    record = config.pop(MARKER_KEY, None)
+    return config, record if isinstance(record, dict) else {}
+
+
+def read_metrics(source: Path) -> dict:
+    try:
+        metrics = json.loads((source / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def check_inputs_unchanged(record: dict, pool_cfg: dict, force: bool) -> None:
+    """The sources must be the files the coefficients were learned on (fingerprints recorded by the run)."""
+    changed = changed_inputs(record.get("inputs") or {}, pool_cfg.get("base"), pool_cfg.get("experts") or {})
+    if not changed:
+        return
+    message = f"changed since the run that learned these coefficients: {'; '.join(changed)}"
+    if not force:
+        raise AdamergeError(f"{message}; refolding would give another model (pass --force to fold them anyway)")
+    log.warning("%s; folding them anyway (--force)", message)
+
+
+def refold(source: str | Path, output_dir: str | Path, overwrite: bool = False, force: bool = False) -> Path:
+    """Fold ``source``'s coefficients into ``output_dir``; the model card is the run's, plus a refold line."""
+    source = Path(source)
+    config, record = read_run_config(source)
+    pool_cfg = config["pool"]
+    protected = protected_inputs(config, {"the source output": source})
+    check_output_dir(output_dir, overwrite, protected)
+    check_inputs_unchanged(record, pool_cfg, force)
+    try:
+        saved = load_file(str(source / COEFFICIENTS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise AdamergeError(f"{str(source / COEFFICIENTS_FILE)!r} is damaged: {e}") from e
     own_state = (Granularity.state_prefix, Objective.state_prefix)  # tensors besides the coefficients
     table = {k: v for k, v in saved.items() if not k.startswith(own_state)}
     pool = build_pool(config["pool"])
@@ -43,8 +92,13 @@ def refold(source: str | Path, output_dir: str | Path, overwrite: bool = False) 
     objective.load_state_tensors(merged, saved)  # DOGE: the adjusted task vectors
     merged.granularity.load_table(table)
     config = {**config, "output_dir": str(output_dir), "overwrite": overwrite}
-    write_output(merged, pool, objective, config,
-                 RunResult(Path(output_dir), {}, merged.granularity.table(), None))
+    details = record.get("details")
+    if isinstance(details, dict):
+        details = {k: v for k, v in details.items() if k != "trust_remote_code"}
+        details["refolded"] = f"from {source.resolve()} on {datetime.date.today()} (adamerge fold)"
+    result = RunResult(Path(output_dir), read_metrics(source), merged.granularity.table(),
+                       (details or {}).get("fold max |diff| (logits)"))
+    write_output(merged, pool, objective, config, result, protected, details if isinstance(details, dict) else None)
     return Path(output_dir)
 
 
@@ -55,10 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", metavar="OUTPUT_DIR",
                         help="a folded checkpoint written by adamerge (its output_dir: holds the coefficients)")
     parser.add_argument("--output", required=True, metavar="NEW_DIR", help="where to write the new folded checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output if it is empty or an earlier adamerge output (never anything else)")
+    parser.add_argument("--force", action="store_true", help="fold even if the base or an expert changed on disk")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s", stream=sys.stderr, force=True)
     try:
-        print(refold(args.source, args.output, args.overwrite))
+        print(refold(args.source, args.output, args.overwrite, args.force))
     except AdamergeError as e:
         print(f"adamerge: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ a LoRA adapter's task vectors stay its factors, never an (out x in) delta per ex
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import pickle
 import re
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from adamerge.errors import AdamergeError
+from adamerge.validate import check_task_names
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +120,11 @@ class ExpertPool:
         self.allow_pickle = allow_pickle
         self.dtype = dtype
         self.base_source = base if isinstance(base, (str, Path)) else None
+        self.expert_sources = {name: source for name, source in zip(check_task_names(experts), experts.values(),
+                                                                     strict=True)}
+        self.check_sources()  # before the base or any expert is loaded
         self.base = self._load_model(base, role="base")
         self.base.requires_grad_(False).eval()
-        self.expert_sources = dict(experts)
-        for name, source in self.expert_sources.items():  # fail before any expert is loaded
-            if isinstance(source, (str, Path)) and is_local(source):
-                self._check_local_source(Path(source).expanduser(), f"expert {name!r}")
         self.task_model = task_model
         if task_model is not None:
             self.base = task_model(None, self.base).requires_grad_(False).eval()
@@ -197,6 +198,7 @@ class ExpertPool:
         parts: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         heads: dict[str, dict[str, torch.Tensor]] = {}
         for k, (name, params, factors) in enumerate(self.iter_experts()):
+            check_finite_expert(name, params, factors)
             for n in self.merged_names:
                 if n not in params:
                     continue
@@ -286,19 +288,50 @@ class ExpertPool:
                 return self._load_lora(path)
         return self._from_pretrained(str(source), role)
 
-    def _check_local_source(self, path: Path, role: str) -> None:
-        """A local source must be a model directory (or, for an expert, a LoRA adapter) we may read."""
+    def check_sources(self) -> None:
+        """Every local source readable and shaped like the base, from file headers alone (nothing is loaded):
+        a missing path, a truncated or inconsistent ``*.safetensors``, a tensor whose shape differs from the
+        base's, an adapter made for another base (a warning)."""
+        local = {"base": self.base_source} if self.base_source is not None and is_local(self.base_source) else {}
+        local.update({f"expert {name!r}": source for name, source in self.expert_sources.items()
+                      if isinstance(source, (str, Path)) and is_local(source)})
+        headers = {role: self._check_local_source(Path(source).expanduser(), role) for role, source in local.items()}
+        base = headers.pop("base", {})
+        for role, tensors in headers.items():
+            for name, shape in tensors.items():
+                if name in base and base[name] != shape:
+                    raise AdamergeError(f"{role}: tensor {name!r} has shape {shape}, the base {base[name]}")
+        for name, source in self.expert_sources.items():
+            if is_adapter(source):
+                self._check_adapter_base(Path(source).expanduser(), name)
+
+    def _check_adapter_base(self, path: Path, expert: str) -> None:
+        """A LoRA adapter records the model it was trained on; another base is allowed, with a warning."""
+        try:
+            trained_on = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError) as e:
+            raise AdamergeError(f"expert {expert!r}: {str(path / 'adapter_config.json')!r} is not valid JSON") from e
+        base = self.base_source
+        if not trained_on or base is None or same_source(trained_on, base):
+            return
+        log.warning("expert %r: its LoRA adapter was trained on %r, but pool.base is %r; merging it anyway",
+                    expert, trained_on, str(base))
+
+    def _check_local_source(self, path: Path, role: str) -> dict[str, tuple[int, ...]]:
+        """A local source must be a model directory (or, for an expert, a LoRA adapter) we may read;
+        returns the tensor shapes its safetensors headers declare."""
         if not path.exists():
             raise AdamergeError(f"{role}: path {str(path)!r} does not exist")
         if (path / "adapter_config.json").exists():
             if role == "base":
                 raise AdamergeError(f"base: {str(path)!r} is a LoRA adapter, not a model")
-            return
+            return {}
         if not (path / "config.json").exists():
             raise AdamergeError(
                 f"{role}: {str(path)!r} is not a model directory (no config.json or adapter_config.json)"
             )
         self._check_weight_format(path, role)
+        return safetensors_shapes(path, role)
 
     def _check_weight_format(self, path: Path, role: str) -> None:
         files = [f.name for f in path.iterdir()]
@@ -341,6 +374,36 @@ class ExpertPool:
             return PeftModel.from_pretrained(copy.deepcopy(self.base), str(path), is_trainable=False)
         except (OSError, ValueError, RuntimeError) as e:
             raise AdamergeError(f"LoRA adapter {str(path)!r} does not fit the base: {e}") from e
+
+
+def check_finite_expert(expert: str, params: Mapping[str, torch.Tensor], factors: Mapping[str, Factors]) -> None:
+    """An expert with NaN/Inf weights would fold into a checkpoint of NaNs: refuse it, naming the first tensor."""
+    tensors = {**params, **{f"{n} (LoRA factor {i})": t for n, pair in factors.items() for i, t in enumerate(pair)}}
+    bad = next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise AdamergeError(f"expert {expert!r}: tensor {bad!r} holds NaN/Inf; refusing to merge it")
+
+
+def same_source(a: str | Path, b: str | Path) -> bool:
+    """Two model references name the same model: equal ids, or local paths to the same directory."""
+    if str(a) == str(b):
+        return True
+    return is_local(a) and is_local(b) and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def safetensors_shapes(path: Path, role: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of every ``*.safetensors`` in ``path``, from the headers (lazy ``safe_open``,
+    which also refuses a truncated file or a header whose offsets disagree with the shapes)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as f:
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})  # noqa: SIM118
+        except (SafetensorError, OSError) as e:
+            raise AdamergeError(f"{role}: {str(file)!r} is damaged or truncated ({e})") from e
+    return shapes
 
 
 def is_adapter(source: Source) -> bool:

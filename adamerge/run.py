@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,18 +22,26 @@ from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
 from adamerge.allocation import allocate_chunks, tensor_importance
-from adamerge.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
+from adamerge.checkpointing import (
+    AtomicCheckpointIO,
+    check_resume_fits,
+    checkpoint_callbacks,
+    lightning_handles_sigterm,
+    read_resume,
+)
 from adamerge.data import Collator, DataFree, TaskDataModule, load_task_examples, model_inputs
 from adamerge.errors import AdamergeError
 from adamerge.export import check_output_dir, copy_tokenizer, save_folded
+from adamerge.fingerprint import fingerprints
 from adamerge.granularity import GRANULARITIES, Layer, chunk_limit
 from adamerge.loggers import build_logger, finish_logger
 from adamerge.merged import MergedModel
 from adamerge.objectives import OBJECTIVES, Objective
-from adamerge.pool import ExpertPool
+from adamerge.pool import ExpertPool, is_local
 from adamerge.taskvectors import TaskVectors, preprocess
 from adamerge.terminal import StepProgressBar
 from adamerge.training import MergeModule
+from adamerge.validate import check_known_keys, check_numbers, check_task_names
 
 log = logging.getLogger(__name__)
 
@@ -157,25 +165,60 @@ def is_vision(pool: ExpertPool) -> bool:
     return getattr(pool.base, "main_input_name", None) == "pixel_values"
 
 
-def build_datamodule(cfg: Mapping, experts: list[str], tokenizer, objective: Objective, causal: bool,
-                     seed: int) -> TaskDataModule | None:
-    if not objective.needs_data:
-        return None
-    labeled = objective.needs_labels
+def load_calibration(cfg: Mapping, experts: list[str], objective: Objective, causal: bool
+                     ) -> dict[str, Sequence[Mapping]]:
+    """Each task's calibration rows, read and checked before any model is loaded."""
     paths = cfg.get("paths") or {}
     missing = [e for e in experts if e not in paths]
     if missing:
         raise AdamergeError(f"no calibration data for task(s) {missing}: set data.paths.TASK=FILE")
-    field_names = [cfg.get("field", "prompt")]
-    if labeled:
-        field_names.append(cfg.get("answer_field", "answer") if causal else cfg.get("label_field", "label"))
-    tasks = {e: load_task_examples(paths[e], field_names, e, cfg.get("limit")) for e in experts}
-    collator = Collator(tokenizer, field=cfg.get("field", "prompt"), causal=causal,
-                        max_length=cfg.get("max_length", 512),
+    text_field, label_field = cfg.get("field", "prompt"), cfg.get("label_field", "label")
+    fields, integers = [text_field], []
+    if objective.needs_labels:
+        fields.append(cfg.get("answer_field", "answer") if causal else label_field)
+        integers = [] if causal else [label_field]
+    return {e: load_task_examples(paths[e], fields, e, cfg.get("limit"), integer_fields=integers) for e in experts}
+
+
+def needs_calibration(config: Mapping, objective: Objective) -> bool:
+    """Training needs the objective's data; a static merge (``max_steps=0``) uses data only if given
+    (then for the fold check), so task arithmetic, TIES, ... run data-free."""
+    steps = int((config.get("trainer") or {}).get("max_steps", 0))
+    return objective.needs_data and (steps > 0 or bool((config.get("data") or {}).get("paths")))
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest input the model's position embeddings allow (None: no such limit, e.g. rotary)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def warn_long_rows(rows: Mapping[str, Sequence[Mapping]], tokenizer, field: str, max_length: int) -> None:
+    """Say how many rows are longer than ``max_length`` tokens: they are cut from the left (the end, which
+    the scored positions read, is kept)."""
+    for task, task_rows in rows.items():
+        if not isinstance(task_rows, list) or not callable(tokenizer):
+            continue  # a lazy dataset (images, hub splits): not tokenized up front
+        long = sum(len(tokenizer(r[field])["input_ids"]) > max_length for r in task_rows)
+        if long:
+            log.warning("task %r: %d of %d calibration rows are longer than %d tokens; their start is cut "
+                        "(left truncation)", task, long, len(task_rows), max_length)
+
+
+def build_datamodule(cfg: Mapping, rows: Mapping[str, Sequence[Mapping]] | None, tokenizer, objective: Objective,
+                     causal: bool, seed: int, positions: int | None = None,
+                     model_bos_id: int | None = None) -> TaskDataModule | None:
+    if rows is None:
+        return None
+    labeled = objective.needs_labels
+    max_length = min(cfg.get("max_length", 512), positions or cfg.get("max_length", 512))
+    warn_long_rows(rows, tokenizer, cfg.get("field", "prompt"), max_length)
+    collator = Collator(tokenizer, field=cfg.get("field", "prompt"), causal=causal, max_length=max_length,
                         answer_field=cfg.get("answer_field", "answer") if labeled and causal else None,
                         label_field=cfg.get("label_field", "label") if labeled and not causal else None,
-                        add_bos=cfg.get("add_bos", "auto"), chat_template=bool(cfg.get("chat_template")))
-    return TaskDataModule(tasks, collator, batch_size=cfg.get("batch_size", 8), shuffle=cfg.get("shuffle", True),
+                        add_bos=cfg.get("add_bos", "auto"), chat_template=bool(cfg.get("chat_template")),
+                        model_bos_id=model_bos_id)
+    return TaskDataModule(rows, collator, batch_size=cfg.get("batch_size", 8), shuffle=cfg.get("shuffle", True),
                           seed=seed)
 
 
@@ -226,9 +269,12 @@ def fold_difference(merged: MergedModel, folded, batch: Mapping[str, torch.Tenso
 
 def fit(merged: MergedModel, objective: Objective, data, tokenizer, config: Mapping, run_dir: Path, max_steps: int,
         logger: Logger | None = None, resume: str | None = None) -> None:
-    """One ``Trainer.fit`` of the coefficients (and the objective's extra tensors)."""
+    """One ``Trainer.fit`` of the coefficients (and the objective's extra tensors). ``resume``: a checkpoint whose
+    tensors must be exactly this run's trainable ones (checked before Lightning starts, so nothing is written)."""
     objective.setup(merged, data, tokenizer)
     module = MergeModule(merged, objective, config.get("optim"))
+    if resume:
+        check_resume_fits(read_resume(resume, merged.experts), module.trainable())
     trainer_cfg = {**(config.get("trainer") or {}), "max_steps": max_steps}
     callbacks, plugins = [], []
     if trainer_cfg.get("enable_checkpointing", True):
@@ -238,7 +284,8 @@ def fit(merged: MergedModel, objective: Objective, data, tokenizer, config: Mapp
         callbacks.append(StepProgressBar())
     trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger or False, callbacks=callbacks, plugins=plugins,
                          **trainer_cfg)
-    trainer.fit(module, datamodule=data or DataFree(max_steps), ckpt_path=resume)
+    with lightning_handles_sigterm():
+        trainer.fit(module, datamodule=data or DataFree(max_steps), ckpt_path=resume)
     objective.finish(merged)
 
 
@@ -282,29 +329,75 @@ def build_merged(pool: ExpertPool, task_vectors: TaskVectors, config: Mapping, o
     return merged, max_steps - steps1
 
 
+def protected_inputs(config: Mapping, others: Mapping[str, Path]) -> dict[str, Path]:
+    """What ``output_dir`` must never be or contain (role -> path): local models, data files' directories,
+    the resume checkpoint's directory, and ``others`` (the run directory)."""
+    pool_cfg, data_cfg, eval_cfg = (config.get(k) or {} for k in ("pool", "data", "eval"))
+    protected = dict(others)
+    sources = {"the base": pool_cfg.get("base"),
+               **{f"expert {n!r}": s for n, s in (pool_cfg.get("experts") or {}).items()}}
+    protected.update({role: Path(s) for role, s in sources.items() if isinstance(s, (str, Path)) and is_local(s)})
+    for kind, paths in (("calibration", data_cfg.get("paths")), ("test", eval_cfg.get("tests"))):
+        for task, source in (paths or {}).items():
+            path = source.get("dataset") if isinstance(source, Mapping) else source
+            if isinstance(path, (str, Path)) and Path(path).expanduser().exists():
+                path = Path(path).expanduser()
+                protected[f"the directory of task {task!r}'s {kind} data"] = path if path.is_dir() else path.parent
+    if config.get("resume"):
+        protected["the resume checkpoint's directory"] = Path(config["resume"]).expanduser().parent
+    return protected
+
+
+@dataclass
+class Checked:
+    """What the checks before loading produced: the objective and the calibration rows."""
+
+    objective: Objective
+    rows: dict[str, Sequence[Mapping]] | None
+
+
+def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None = None) -> Checked:
+    """Every check that needs no model, so that bad input costs milliseconds and writes nothing: config
+    keys and numbers, expert names, the objective, ``output_dir``, the calibration data and ``resume=``.
+    The sources' files are checked next, by ``ExpertPool``, before the base is loaded."""
+    check_known_keys(config)
+    check_numbers(config)
+    pool_cfg = config.get("pool") or {}
+    experts = pool.expert_names if pool is not None else check_task_names(list(pool_cfg.get("experts") or {}))
+    objective: Objective = construct(OBJECTIVES, "objective", config.get("objective") or {"name": "entropy"})
+    if not objective.supports_offload and parse_offload(pool_cfg.get("offload")):
+        raise AdamergeError(f"objective={config['objective']['name']} rewrites the task vectors themselves, next to "
+                            "the coefficients; it does not take pool.offload=cpu")
+    if config.get("output_dir") is not None:
+        protected = protected_inputs(config, {"the run directory": run_dir})
+        check_output_dir(config["output_dir"], bool(config.get("overwrite")), protected)
+    causal = is_causal(pool) if pool is not None else "CausalLM" in str(pool_cfg.get("auto_class", "CausalLM"))
+    rows = load_calibration(config.get("data") or {}, experts, objective, causal) \
+        if needs_calibration(config, objective) else None
+    if config.get("resume"):
+        read_resume(config["resume"], experts)
+    return Checked(objective, rows)
+
+
 def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool | None = None,
         task_vectors: TaskVectors | None = None) -> RunResult:
-    """Train (unless ``trainer.max_steps=0``), fold and write ``output_dir``; returns the metrics.
+    """Train (unless ``trainer.max_steps=0``), fold and write ``output_dir`` (``None``: nothing is written);
+    returns the metrics. Everything that can be checked without a model is checked first.
 
     ``pool`` / ``task_vectors`` may be passed in to share them between runs (method comparisons).
     """
     start = time.perf_counter()
     config = as_dict(cfg)
     run_dir = Path(run_dir)
-    seed = int(config.get("seed", 0))
-    output_dir = config.get("output_dir")
-    if output_dir:
-        check_output_dir(output_dir, bool(config.get("overwrite")))
-    objective: Objective = construct(OBJECTIVES, "objective", config["objective"])
-    if not objective.supports_offload and parse_offload(config["pool"].get("offload")):
-        raise AdamergeError(f"objective={config['objective']['name']} rewrites the task vectors themselves, next to "
-                            "the coefficients; it does not take pool.offload=cpu")
+    checked = check_before_loading(config, run_dir, pool)
+    objective, seed, output_dir = checked.objective, int(config.get("seed", 0)), config.get("output_dir")
     pl.seed_everything(seed, workers=True, verbose=False)
     pool = pool or build_pool(config["pool"])
     task_vectors = task_vectors or build_task_vectors(pool, config["pool"], seed)
     tokenizer = build_tokenizer(pool, bool(config["pool"].get("trust_remote_code")))
     causal = is_causal(pool)
-    data = build_datamodule(config.get("data") or {}, list(task_vectors.experts), tokenizer, objective, causal, seed)
+    data = build_datamodule(config.get("data") or {}, checked.rows, tokenizer, objective, causal, seed,
+                            max_positions(pool.base), getattr(getattr(pool.base, "config", None), "bos_token_id", None))
     max_steps = int((config.get("trainer") or {}).get("max_steps", 0))
     logger = build_logger(config.get("logger"), run_dir, config)
     merged, steps_left = build_merged(pool, task_vectors, config, objective, data, tokenizer, run_dir, max_steps,
@@ -321,12 +414,13 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
         first = merged.experts[0]
         with merged.task(first):
             diff = fold_difference(merged, merged.fold(first), next(iter(data.loader(first, shuffle=False))))
+        log.info("fold check: max |folded - merged| logits = %.3g", diff)
+    else:
+        log.info("fold check skipped: no calibration data (data.paths) to run it on")
     result = RunResult(Path(output_dir) if output_dir else None, metrics, merged.granularity.table(), diff)
     result.seconds = time.perf_counter() - start
-    if diff is not None:
-        log.info("fold check: max |folded - merged| logits = %.3g", diff)
     if output_dir and rank_zero_only.rank == 0:  # under DDP every rank gets here; one writes
-        write_output(merged, pool, objective, config, result)
+        write_output(merged, pool, objective, config, result, protected_inputs(config, {"the run directory": run_dir}))
     return result
 
 
@@ -353,7 +447,8 @@ def write_task_checkpoints(merged: MergedModel, pool: ExpertPool, into: Path) ->
 
 
 def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, config: Mapping,
-                 result: RunResult) -> None:
+                 result: RunResult, protected: Mapping[str, Path] | None = None,
+                 details: Mapping[str, Any] | None = None) -> None:
     """The folded checkpoint with its coefficients, config, card and metrics.json (atomic).
 
     With per-task heads, ``output_dir`` holds the merged backbone as a plain ``AutoModel``
@@ -370,12 +465,14 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
             build_tokenizer(pool, pool.trust_remote_code).save_pretrained(tmp)
 
     granularity = merged.granularity
-    details = {"granularity": config["granularity"].get("name"), "space": granularity.space,
-               "transform": granularity.transform, "objective": config["objective"].get("name"),
-               "steps": (config.get("trainer") or {}).get("max_steps", 0),
-               "fold max |diff| (logits)": result.fold_max_diff}
-    if heads:
-        details["tasks"] = getattr(merged.base, "heads_file", None) or ", ".join(f"tasks/{t}" for t in merged.experts)
+    if details is None:  # a refold passes the details of the run that learned the coefficients
+        details = {"granularity": config["granularity"].get("name"), "space": granularity.space,
+                   "transform": granularity.transform, "objective": config["objective"].get("name"),
+                   "steps": (config.get("trainer") or {}).get("max_steps", 0),
+                   "fold max |diff| (logits)": result.fold_max_diff}
+        if heads:
+            details["tasks"] = (getattr(merged.base, "heads_file", None)
+                                or ", ".join(f"tasks/{t}" for t in merged.experts))
     coefficients = {**result.coefficients, **granularity.state_tensors(), **objective.state_tensors()}
     save_folded(
         folded, result.output_dir, base_source=pool.base_source,
@@ -386,5 +483,6 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
                               "transform": granularity.transform, "space": granularity.space},
         config=config, details=details, metrics={k: v for k, v in result.metrics.items() if v},
         overwrite=bool(config.get("overwrite")), trust_remote_code=bool(config["pool"].get("trust_remote_code")),
-        extra_files=extra_files,
+        extra_files=extra_files, protected=protected,
+        record={"inputs": fingerprints(pool.base_source, pool.expert_sources)},
     )

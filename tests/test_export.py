@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adamerge import AdamergeError, Chunk, Column, ExpertPool, MergedModel
-from adamerge.export import COEFFICIENTS_FILE, CONFIG_FILE, check_output_dir, save_folded
+from adamerge.export import COEFFICIENTS_FILE, CONFIG_FILE, MARKER_KEY, check_output_dir, save_folded
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -79,7 +79,9 @@ def test_layout(merged_llama, tmp_path):
     with safe_open(out / COEFFICIENTS_FILE, "pt") as f:
         assert json.loads(f.metadata()["experts"]) == ["math", "code", "chat"]
     config = yaml.safe_load((out / CONFIG_FILE).read_text())
+    marker = config.pop(MARKER_KEY)  # what makes overwrite=true willing to replace this directory later
     assert config == {"seed": 0, "granularity": {"name": "column", "init": 0.3}}
+    assert marker["format"] == 1 and marker["details"]["granularity"] == "column"
 
     weights = load_file(out / "model.safetensors")
     assert weights.keys() == dict(merged.base.named_parameters()).keys()  # no adamerge state inside
@@ -129,16 +131,22 @@ def test_in_memory_base_card(llama_family, tmp_path):
 # ---- refusing, replacing, failing ------------------------------------------------------------------------
 
 
-def test_non_empty_output_dir_needs_overwrite(merged_llama, tmp_path):
+def test_non_empty_output_dir_needs_overwrite_and_an_adamerge_output(merged_llama, tmp_path):
+    """overwrite=true replaces an earlier adamerge output, never a directory of the user's."""
     base_dir, merged = merged_llama
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(AdamergeError, match=r"exists and is not empty; set overwrite=true"):
         write(merged, out, base_dir)
+    with pytest.raises(AdamergeError, match=r"not written by adamerge .*replaces only an earlier adamerge output"):
+        write(merged, out, base_dir, overwrite=True)
     assert snapshot(out) == {"precious.txt": b"keep me"}
-    write(merged, out, base_dir, overwrite=True)
-    assert not (out / "precious.txt").exists() and (out / "model.safetensors").exists()
+    (out / "precious.txt").unlink()
+    write(merged, out, base_dir)  # an empty directory is fine
+    (out / "notes.txt").write_text("added by the user after the run")
+    write(merged, out, base_dir, overwrite=True)  # an adamerge output is replaced whole
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"]
 
 
@@ -147,11 +155,12 @@ def test_overwrite_without_atomic_exchange(merged_llama, tmp_path, monkeypatch):
 
     base_dir, merged = merged_llama
     out = tmp_path / "out"
-    out.mkdir()
+    write(merged, out, base_dir)
     (out / "old.txt").write_text("old")
     monkeypatch.setattr(adamerge.export, "_exchange", lambda a, b: False)  # no renameat2: two renames
     write(merged, out, base_dir, overwrite=True)
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / ".adamerge-temporary").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"]
 
 

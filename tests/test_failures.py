@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import Zoo, task_rows, tiny_expert, tiny_llama, write_zoo
+from test_bad_input import bad_inputs
+from tiny import Zoo, task_rows, write_zoo
 
 from adamerge import AdamergeError
 
@@ -212,7 +213,8 @@ runpy.run_module("adamerge", run_name="__main__", alter_sys=True)
 
 SCENARIOS: dict[str, Callable[[Lab], object]] = {}
 # chains of processes and long ones go first (the slots serve waiting scenarios in order)
-LONGEST = ("code_like_data", "kill_during_fold", "sweep", "sigint", "sigterm", "straight", "disk_full")
+LONGEST = ("code_like_data", "kill_during_fold", "signal_during_fold", "sweep", "sigint", "sigterm", "straight",
+           "disk_full")
 
 
 def scenario(fn: Callable[[Lab], object]) -> Callable[[Lab], object]:
@@ -223,7 +225,7 @@ def scenario(fn: Callable[[Lab], object]) -> Callable[[Lab], object]:
 class Lab:
     def __init__(self, root: Path, zoo: Zoo, needed: set[str]) -> None:
         self.root, self.zoo = root, zoo
-        self.inputs = bad_inputs(root / "inputs", zoo)
+        self.inputs = bad_inputs(root / "inputs", zoo.base, zoo.experts)
         (root / "faults.py").write_text(FAULTS)
         self.needed = {name for name in needed if name in SCENARIOS}
         self.pool = ThreadPoolExecutor(max_workers=max(len(SCENARIOS), 1))
@@ -289,144 +291,7 @@ def lab(zoo, tmp_path_factory, request):
         signal.signal(signal.SIGINT, previous)
 
 
-# ---- 1. bad input: exit 2, one line on stderr, nothing written -------------------------------------------
-
-
-def bad_inputs(root: Path, zoo: Zoo) -> dict[str, Path]:
-    """Experts and data files that are wrong in one way each."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    from adamerge.zoo.tokenizer import char_tokenizer
-
-    root.mkdir(parents=True)
-    base = tiny_llama()
-    paths = {name: root / name for name in ("gpt2", "three_layers", "narrow_mlp", "bf16", "not_a_model", "pickle",
-                                            "evil_pickle", "remote_code", "same_tokenizer", "other_tokenizer")}
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=base.config.vocab_size, n_embd=32, n_layer=2, n_head=4, bos_token_id=1,
-                               eos_token_id=2)).save_pretrained(paths["gpt2"])
-    for name, change in (("three_layers", {"num_hidden_layers": 3}), ("narrow_mlp", {"intermediate_size": 48})):
-        config = {k: v for k, v in base.config.to_dict().items() if k != "architectures"}
-        LlamaForCausalLM(LlamaConfig(**{**config, **change})).save_pretrained(paths[name])
-    tiny_expert(base, 1).to(torch.bfloat16).save_pretrained(paths["bf16"])
-    expert = tiny_expert(base, 1)
-    paths["not_a_model"].mkdir()
-    (paths["not_a_model"] / "notes.txt").write_text("an expert that was never saved")
-
-    # a pickle-only checkpoint: config.json + pytorch_model.bin (torch.save of a state dict)
-    expert.config.save_pretrained(paths["pickle"])
-    torch.save(expert.state_dict(), paths["pickle"] / "pytorch_model.bin")
-    # a pickle that runs code when unpickled without weights_only
-    expert.config.save_pretrained(paths["evil_pickle"])
-    torch.save({"model.embed_tokens.weight": RunsCode(root / "PICKLE_RAN")}, paths["evil_pickle"] / "pytorch_model.bin")
-
-    # a model whose class lives in the directory (auto_map): importing it leaves a marker
-    shutil.copytree(zoo.experts["rev"], paths["remote_code"])
-    config = json.loads((paths["remote_code"] / "config.json").read_text())
-    config.update(model_type="adamerge_custom", auto_map={"AutoConfig": "custom.CustomConfig",
-                                                          "AutoModelForCausalLM": "custom.CustomLlama"})
-    (paths["remote_code"] / "config.json").write_text(json.dumps(config))
-    (paths["remote_code"] / "custom.py").write_text(
-        f"open({str(root / 'REMOTE_CODE_RAN')!r}, 'w').close()\n"
-        "from transformers import LlamaConfig, LlamaForCausalLM\n\n"
-        "class CustomConfig(LlamaConfig):\n    model_type = 'adamerge_custom'\n\n"
-        "class CustomLlama(LlamaForCausalLM):\n    config_class = CustomConfig\n")
-
-    # experts that ship a tokenizer: the base's, and one with an added token
-    shutil.copytree(zoo.experts["add"], paths["same_tokenizer"])
-    char_tokenizer().save_pretrained(paths["same_tokenizer"])
-    shutil.copytree(zoo.experts["rev"], paths["other_tokenizer"])
-    other = char_tokenizer()
-    other.add_tokens(["<tool>"])
-    other.save_pretrained(paths["other_tokenizer"])
-
-    rows = [json.dumps(r) + "\n" for r in task_rows("rev")]
-    paths["empty.jsonl"] = root / "empty.jsonl"
-    paths["empty.jsonl"].write_text("")
-    paths["no_field.jsonl"] = root / "no_field.jsonl"  # the third row lacks "prompt"
-    paths["no_field.jsonl"].write_text("".join(rows[:2]) + json.dumps({"question": "rev abc="}) + "\n" + rows[3])
-    return paths
-
-
-class RunsCode:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))  # unpickling creates the marker
-
-
-def bad_args(lab: Lab, case: str) -> list[str]:
-    zoo, inputs = lab.zoo, lab.inputs
-
-    def expert(path: object) -> list[str]:  # the zoo with expert 'rev' replaced
-        return zoo_args(zoo, {"add": zoo.experts["add"], "rev": path})
-
-    return {
-        "other architecture": expert(inputs["gpt2"]),
-        "other parameter names": expert(inputs["three_layers"]),
-        "other shapes": expert(inputs["narrow_mlp"]),
-        "other dtype": expert(inputs["bf16"]),
-        "not a model": expert(inputs["not_a_model"]),
-        "hub id while offline": expert("some-org/some-model"),
-        "pickle not allowed": expert(inputs["pickle"]),
-        "pickle that runs code": [*expert(inputs["evil_pickle"]), "pool.allow_pickle=true"],
-        "remote code not allowed": expert(inputs["remote_code"]),
-        "zero experts": zoo_args(zoo, {}),
-        "duplicate expert names": [*zoo_args(zoo), f"pool.experts.add={zoo.experts['rev']}"],
-        "no data for a task": zoo_args(zoo, data={"add": zoo.data["add"]}),
-        "empty data": zoo_args(zoo, data={**zoo.data, "rev": inputs["empty.jsonl"]}),
-        "row without the field": zoo_args(zoo, data={**zoo.data, "rev": inputs["no_field.jsonl"]}),
-        "more chunks than rows": [*zoo_args(zoo), "granularity=chunk", "granularity.chunks={*:1000}"],
-        "negative init": [*zoo_args(zoo), "granularity.init=-0.5"],
-        "nan init": [*zoo_args(zoo), "granularity.init=nan"],
-    }[case]
-
-
-# case -> what the error line must say (the offending tensor, path, key or value, and the fix)
-BAD_INPUT = {
-    "other architecture": ["expert 'rev'", "'model.embed_tokens.weight'"],
-    "other parameter names": ["expert 'rev'", "'model.layers.2.self_attn.q_proj.weight'", "base does not have"],
-    "other shapes": ["expert 'rev'", "'model.layers.0.mlp.gate_proj.weight'", "(48, 32)", "(64, 32)"],
-    "other dtype": ["expert 'rev'", "'model.embed_tokens.weight'", "torch.bfloat16", "torch.float32"],
-    "not a model": ["expert 'rev'", "not_a_model", "not a model directory"],
-    "hub id while offline": ["expert 'rev'", "'some-org/some-model'", "HF_HUB_OFFLINE"],
-    "pickle not allowed": ["expert 'rev'", "pytorch_model.bin", "pool.allow_pickle=true"],
-    "pickle that runs code": ["expert 'rev'", "weights_only=True", "GLOBAL"],
-    "remote code not allowed": ["expert 'rev'", "needs custom code", "pool.trust_remote_code=true"],
-    "zero experts": ["at least one expert", "pool.experts.NAME"],
-    "duplicate expert names": ["pool.experts.add is given twice"],
-    "no data for a task": ["no calibration data", "['rev']", "data.paths"],
-    "empty data": ["task 'rev' is empty"],
-    "row without the field": ["task 'rev'", "row 3 has no field 'prompt'"],
-    "more chunks than rows": ["granularity.chunks", "1000 chunks for 'model.embed_tokens.weight', which has"],
-    "negative init": ["granularity.init=-0.5", "non-negative"],
-    "nan init": ["granularity.init=nan"],
-}
-
-for _case in BAD_INPUT:
-    SCENARIOS[_case] = lambda lab, case=_case: adamerge(lab.dir(case), bad_args(lab, case))
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_is_one_line_and_writes_nothing(lab, case):
-    run = lab(case)
-    assert run.returncode == 2, run.stderr[-3000:]
-    line = run.error_line()
-    for expected in BAD_INPUT[case]:
-        assert expected in line, (expected, line)
-    assert not (run.cwd / "out").exists()  # no output_dir, no temporary directory beside it
-    assert not run.checkpoints.exists()
-    assert json.loads((run.cwd / "run" / "result.json").read_text())["status"] == "failed"
-
-
-@uses("remote code not allowed", "pickle that runs code")
-def test_untrusted_code_never_ran(lab):
-    """Refusing a remote-code model or a code-carrying pickle must not import or unpickle it first."""
-    for case in ("remote code not allowed", "pickle that runs code"):
-        assert lab(case).returncode == 2
-    assert not (lab.root / "inputs" / "REMOTE_CODE_RAN").exists()
-    assert not (lab.root / "inputs" / "PICKLE_RAN").exists()
+# ---- 1. inputs the other failure tests need (bad input itself: tests/test_bad_input.py) ----------------------
 
 
 @scenario
@@ -488,8 +353,9 @@ def test_tokenizer_mismatch_is_a_warning_naming_the_expert(lab):
 def nonfinite(lab: Lab) -> Run:
     """An enormous learning rate: after one Adam step the coefficients are +-1e30 and the next backward
     overflows."""
-    return adamerge(lab.dir("nonfinite"), [*zoo_args(lab.zoo), "optim.lr=1e30", "trainer.max_steps=5",
-                                           "checkpoint.every_n_steps=1"])
+    return adamerge(lab.dir("nonfinite"), [*zoo_args(lab.zoo), "method=adamerging_layer",
+                                           "granularity.transform=identity", "trainer.accumulate_grad_batches=1",
+                                           "optim.lr=1e30", "trainer.max_steps=5", "checkpoint.every_n_steps=1"])
 
 
 @uses("nonfinite")
@@ -585,6 +451,31 @@ def test_kill_during_the_fold_leaves_old_or_new_and_the_next_run_cleans_up(lab):
     nxt = states["next"]
     assert nxt["run"].returncode == 0, nxt["run"].stderr[-3000:]
     assert nxt["siblings"] == [] and nxt["init"] == pytest.approx([0.7, 0.7])
+
+
+@scenario
+def signal_during_fold(lab: Lab) -> dict:
+    """SIGINT, then SIGTERM, while the new fold is being written into its temporary directory."""
+    cwd, output, old = with_previous_output(lab, "signal during fold")
+    states = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        proc = lab.faults("pause-write", cwd / signum.name, overwrite_args(lab, 0.5), output)
+        proc.wait_for(cwd / signum.name / "paused")
+        proc.proc.send_signal(signum)
+        states[signum.name] = {"run": proc.finish(timeout=60), "same as old": snapshot(output) == old,
+                               "siblings": siblings(output)}
+    return states
+
+
+@uses("signal_during_fold")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_the_fold_is_one_line_and_leaves_the_old_output(lab, signum):
+    state = lab("signal_during_fold")[signum.name]
+    run = state["run"]
+    assert run.returncode == 128 + signum, run.stderr[-3000:]
+    assert f"stopped by {signum.name} before the run finished" in run.error_line()
+    assert state["same as old"]  # byte for byte
+    assert state["siblings"] == []  # the temporary directory was removed
 
 
 # ---- 2. SIGINT / SIGTERM: stop after the step, save a resumable checkpoint, exit non-zero --------------------
