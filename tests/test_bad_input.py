@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import task_rows, tiny_expert, tiny_llama, write_zoo
 
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
@@ -521,8 +522,9 @@ def monkeypatch_module():
 def fresh_tree(template: Path, root: Path) -> Tree:
     """A copy of the template whose recorded paths (the earlier output's config) point into the copy."""
     shutil.copytree(template, root, symlinks=True)
-    config = root / "previous" / "adamerge_config.yaml"
-    config.write_text(config.read_text().replace(str(template), str(root)))
+    for name in ("adamerge_config.yaml", "README.md"):
+        recorded = root / "previous" / name
+        recorded.write_text(recorded.read_text().replace(str(template), str(root)))
     return Tree(root)
 
 
@@ -557,3 +559,38 @@ def test_bad_input(name, template, tmp_path, monkeypatch):
     assert changed == [], f"inputs changed or removed: {changed}"
     if case.check is not None:
         case.check(tree, result)
+
+
+# ---- beside the table: what a refold writes, and the Python API's strictness ------------------------------
+
+
+def test_refold_writes_the_runs_card_plus_a_refold_line(template, tmp_path, monkeypatch):
+    """``adamerge fold`` keeps what the run recorded (transform, fold check, metrics) instead of rebuilding
+    a poorer card, and says that it is a refold."""
+    tree = fresh_tree(template, tmp_path / "tree")
+    result = run_cli(["fold", str(tree.previous), "--output", str(tree.out)], tree.root, monkeypatch)
+    assert result.code == 0, result.stderr[-3000:]
+    before = (tree.previous / "README.md").read_text().splitlines()
+    after = (tree.out / "README.md").read_text().splitlines()
+    refold_lines = [line for line in after if line not in before]
+    assert len(refold_lines) == 1 and "refolded" in refold_lines[0] and str(tree.previous) in refold_lines[0]
+    assert [line for line in after if line in before] == before
+    assert any("fold max |diff|" in line and "None" not in line for line in after)
+    assert (tree.out / "metrics.json").read_text() == (tree.previous / "metrics.json").read_text()
+    for name, tensor in load_file(str(tree.previous / "model.safetensors")).items():
+        assert torch.equal(load_file(str(tree.out / "model.safetensors"))[name], tensor), name
+
+
+def test_python_api_refuses_a_misspelled_key_and_an_unsafe_name(template, tmp_path):
+    from adamerge import AdamergeError, ExpertPool
+    from adamerge.run import run
+
+    tree = fresh_tree(template, tmp_path / "tree")
+    config = {"pool": {"base": str(tree.base), "experts": {t: str(tree.expert(t)) for t in TASKS},
+                       "preprocess": {"method": "ties", "densty": 0.9}},
+              "granularity": {"name": "task", "init": 0.3}, "objective": {"name": "entropy"},
+              "trainer": {"max_steps": 0}, "output_dir": None}
+    with pytest.raises(AdamergeError, match=r"unknown key pool\.preprocess\.densty"):
+        run(config, tree.run_dir)
+    with pytest.raises(AdamergeError, match=r"expert name 'a\\x00b' cannot be used"):
+        ExpertPool(str(tree.base), {"a\x00b": str(tree.expert("rev"))})
