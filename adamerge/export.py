@@ -1,6 +1,6 @@
 """Write the folded checkpoint: a directory that loads with plain ``transformers``, written atomically.
 
-Layout (DESIGN.md): ``config.json``, ``model.safetensors`` (or shards + index), the base's tokenizer
+Layout (docs/ARCHITECTURE.md): ``config.json``, ``model.safetensors`` (or shards + index), the base's tokenizer
 files, ``README.md`` (model card), ``adamerge_coefficients.safetensors`` and ``adamerge_config.yaml``.
 Everything is built in a temporary directory beside the target and renamed into place, so a crash
 or a full disk leaves either the previous directory or the complete new one.

@@ -12,7 +12,7 @@ Rows (identical model, batch, loss, init and optimizer; only the merge machinery
                   (``backward(retain_graph=True)``, ``merge_weights()`` after the optimizer step).
                   Needs the fusion-bench venv (``benchmarks/.venv-fusionbench``).
 - ``floor``       forward+backward of the base with weight gradients, plus two reduction passes
-                  over every stacked task vector (DESIGN.md's floor: read every task vector twice).
+                  over every stacked task vector (the floor in docs/ARCHITECTURE.md: read every task vector twice).
 
 Modes: ``step`` (one configuration per process: its peak memory, and its step times), ``paired``
 (every row for one K in ONE process, their steps taken round-robin so that every row sees the same
@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 THREADS = 2
 BATCH, SEQ = 4, 128
 INIT, LR = 0.3, 1e-3
-DELTA_SCALE = 0.02  # ||tau|| / ||W0|| of every tensor, the regime real fine-tunes live in (DESIGN.md)
+DELTA_SCALE = 0.02  # ||tau|| / ||W0|| of every tensor, the regime real fine-tunes live in (docs/ARCHITECTURE.md)
 MODEL = dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)
 

@@ -1,6 +1,6 @@
 """The zoo's recipe: train a tiny base, four experts and four LoRA adapters, then measure them.
 
-It follows DESIGN.md ("Making a zoo where merging means something"):
+It follows docs/ARCHITECTURE.md ("The offline zoo: making merging mean something"):
 
 1. pretrain the base broadly: generic tasks plus the four expert tasks, where each expert task's
    marker is used for its decoy convention in ``decoy_rate`` of the rows (see ``tasks.py``), so the

@@ -9,7 +9,7 @@ Each expert task also names a *decoy*: a neighbouring convention for the same ma
 copies instead of reversing). The zoo's base model sees both conventions during pretraining, so it
 carries every skill but does not know which one each marker asks for; an expert is then a gentle
 fine-tune that settles its own marker's convention. That keeps task vectors small, the regime in
-which merging is meaningful (see DESIGN.md, "Making a zoo where merging means something").
+which merging is meaningful (see docs/ARCHITECTURE.md, "The offline zoo: making merging mean something").
 """
 
 from __future__ import annotations

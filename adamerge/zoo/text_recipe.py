@@ -1,7 +1,7 @@
 """The text zoo's recipe: fine-tune the pretrained all-MiniLM-L6-v2 encoder into one classifier per task.
 
-A real base that already carries broad skill (DESIGN.md, "Making a zoo where merging means
-something"): each expert is ``BertForSequenceClassification`` fully fine-tuned from it with a small
+A real base that already carries broad skill (docs/ARCHITECTURE.md, "The offline
+zoo"): each expert is ``BertForSequenceClassification`` fully fine-tuned from it with a small
 learning rate and few steps, with a head of its own (its task's number of labels and label names)
 that learns at a higher rate, as fresh heads usually do. That matters for entropy-based merging
 (AdaMerging): with the encoder's small rate the heads stay near their random init and the experts,
