@@ -3,8 +3,9 @@
 A merged tensor's task vectors are either a dense stack of shape ``(K, *shape)`` or, when every
 expert changing it is a LoRA adapter, the adapters' factors (``LoraFactors``), densified only where
 a consumer needs dense values (preprocessing, some granularities), with a log line saying so.
-Each transform is a pure function on one dense stack and treats every expert's slice separately
-(per tensor, as peft and mergekit do), so they compose and stream per tensor.
+Each preprocessing transform is a pure function on one dense stack that treats every expert's slice
+separately: per tensor (mergekit, peft), or at ``scope=model`` on the whole model flattened into one
+stack (the TIES reference code; this holds one extra copy of the task vectors while it runs).
 """
 
 from __future__ import annotations
@@ -125,8 +126,8 @@ class TaskVectors:
 # ---- preprocessing: sparsify each expert, optionally elect signs, optionally normalize --------------
 #
 # Two conventions, one switch (``pool.preprocess.convention``):
-# - ``paper``: the papers' released code. TIES follows its reference (prateeky2806/ties-merging,
-#   src/ties_minimal.ipynb ``topk_values_mask``/``resolve_sign``/``disjoint_merge``; FusionBench
+# - ``paper``: the papers' released code. TIES follows its reference (prateeky2806/ties-merging
+#   src/utils/merge_utils.py ``topk_values_mask``/``resolve_sign("mass")``/``disjoint_merge``; FusionBench
 #   fusion_bench/method/ties_merging/ties_merging_utils.py): one threshold over each expert's whole
 #   flattened task vector, the ``k = n - int(density n)``-th smallest |tau| kept with everything
 #   above it, the sign elected on the unweighted trimmed sum (an exact 0 takes the sign that the
@@ -408,9 +409,11 @@ class Preprocess:
             if missing:
                 raise AdamergeError(f"pool.preprocess.weights has no value for expert(s) {missing}")
             return torch.tensor([float(w[e]) for e in experts])
-        if isinstance(w, str):
-            raise AdamergeError(f"pool.preprocess.weights={w!r}; give a number, a mapping expert -> number or uniform")
-        return torch.full((len(experts),), float(w))
+        try:
+            return torch.full((len(experts),), float(w))
+        except (TypeError, ValueError):
+            raise AdamergeError(f"pool.preprocess.weights={w!r}; give a number, a mapping expert -> number "
+                                "or uniform") from None
 
     def sparsify(self, stack: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         kind, convention, rescale = self.sparsifier, self.convention, self.effective_rescale
@@ -440,6 +443,9 @@ def preprocess(tv: TaskVectors, method: str | None = None, seed: int = 0, **opti
     if spec.method == "none":
         return tv
     weights = spec.expert_weights(tv.experts)
+    if spec.convention == "mergekit" and METHODS[spec.method][1] and not bool(weights.any()):
+        raise AdamergeError("pool.preprocess.weights are all 0 (they default to granularity.init): mergekit's sign "
+                            "election would keep nothing; set pool.preprocess.weights")
     generator = torch.Generator().manual_seed(seed) if spec.sparsifier in RANDOM else None
     if spec.effective_scope == "tensor":
         return tv.map(lambda s: spec.apply(s, weights, generator))

@@ -1,7 +1,8 @@
 """Static merges against independent references written here, on plain ``{name: tensor}`` dicts.
 
-Each reference restates its source in a few lines: the TIES reference code (prateeky2806/ties-merging
-``topk_values_mask``/``resolve_sign``/``disjoint_merge``, as FusionBench copies it) and mergekit 0.1.5
+Each reference restates its source in a few lines: the TIES reference code (prateeky2806/ties-merging,
+src/utils/merge_utils.py ``topk_values_mask``/``resolve_sign``/``disjoint_merge``, as FusionBench copies
+it) and mergekit 0.1.5
 (``sparsify.py``, ``generalized_task_arithmetic.py``). adamerge's side runs the engine: ``pool.preprocess``
 through ``apply_preprocess`` with the weights of ``granularity.init``, a ``Task`` granularity at that
 init, and ``MergedModel.fold``. Llama (nn.Linear, RMSNorm) and GPT-2 (Conv1D, tied embeddings), fp32.
@@ -261,6 +262,8 @@ def test_preprocess_weights_follow_granularity_init_in_the_composed_config():
     ({"method": "ties", "weights": {"x": 1.0}}, r"no value for expert\(s\) \['y', 'z'\]"),
     ({"method": "ties", "weights": "equal"}, "pool.preprocess.weights='equal'"),
     ({"method": "della", "convention": "mergekit", "density": 0.9, "epsilon": 0.1}, "mergekit: < 1"),
+    ({"method": "dare_ties", "convention": "mergekit", "weights": 0.0}, "weights are all 0"),
+    ({"method": "ties", "weights": [1.0, 2.0]}, r"weights=\[1.0, 2.0\]; give a number"),
 ])
 def test_bad_preprocess_options(options, message):
     stacks = {"w": torch.randn(3, 4, 4)}
