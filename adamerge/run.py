@@ -231,6 +231,14 @@ class RunResult:
     seconds: float = 0.0
 
 
+def load_test_sets(cfg: Mapping, causal: bool) -> dict[str, Sequence[Mapping]]:
+    """``eval.tests``: labeled rows per task (prompt + answer for generation, text + integer label for classifiers)."""
+    field, label_field = cfg.get("field", "text"), cfg.get("label_field", "label")
+    fields, integers = (["prompt", "answer"], []) if causal else ([field, label_field], [label_field])
+    return {t: load_task_examples(p, fields, t, cfg.get("limit"), integer_fields=integers)
+            for t, p in (cfg.get("tests") or {}).items()}
+
+
 def evaluate_model(model_for: Callable[[str], torch.nn.Module], tokenizer, cfg: Mapping, causal: bool
                    ) -> dict[str, float]:
     """Score ``model_for(task)`` on each task of ``eval.tests`` (JSONL or ``{dataset, split}``): exact match
@@ -238,8 +246,7 @@ def evaluate_model(model_for: Callable[[str], torch.nn.Module], tokenizer, cfg: 
     from adamerge.evaluate import accuracy, exact_match
 
     field, label_field = cfg.get("field", "text"), cfg.get("label_field", "label")
-    fields = ["prompt", "answer"] if causal else [field, label_field]
-    tests = {t: load_task_examples(p, fields, t, cfg.get("limit")) for t, p in (cfg.get("tests") or {}).items()}
+    tests = load_test_sets(cfg, causal)
     if not tests:
         return {}
     batch_size = cfg.get("batch_size", 64)
@@ -374,6 +381,7 @@ def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None
     causal = is_causal(pool) if pool is not None else "CausalLM" in str(pool_cfg.get("auto_class", "CausalLM"))
     rows = load_calibration(config.get("data") or {}, experts, objective, causal) \
         if needs_calibration(config, objective) else None
+    load_test_sets(config.get("eval") or {}, causal)  # read again for the evaluation: small, and checked now
     if config.get("resume"):
         read_resume(config["resume"], experts)
     return Checked(objective, rows)
