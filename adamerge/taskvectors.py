@@ -162,15 +162,14 @@ def _check_fraction(name: str, value: float) -> None:
         raise AdamergeError(f"{name}={value} must be within [0, 1]")
 
 
-def _check_convention(convention: str) -> None:
-    if convention not in CONVENTIONS:
-        raise AdamergeError(f"pool.preprocess.convention={convention!r}; choose from {list(CONVENTIONS)}")
+def ranks_along(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rank of each value along ``dim``, 0 (smallest) .. n - 1; equal values in index order."""
+    return values.argsort(dim=dim, stable=True).argsort(dim=dim)
 
 
-def integer_ranks(stack: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Rank of |tau| along ``dim`` of each expert's flattened slice, 0 (smallest) .. n - 1, shape of ``stack``."""
-    flat = stack.flatten(1).abs() if dim == 1 else stack.abs()
-    return flat.argsort(dim=dim, stable=True).argsort(dim=dim).view_as(stack)
+def integer_ranks(stack: torch.Tensor) -> torch.Tensor:
+    """Rank of |tau| within each expert's slice, 0 (smallest) .. n - 1, shape of ``stack``."""
+    return ranks_along(stack.flatten(1).abs(), 1).view_as(stack)
 
 
 def magnitude_ranks(stack: torch.Tensor) -> torch.Tensor:
@@ -182,7 +181,7 @@ def magnitude_ranks(stack: torch.Tensor) -> torch.Tensor:
 def row_ranks(stack: torch.Tensor) -> torch.Tensor:
     """mergekit's DELLA ranks: within each row (dim 1 of a tensor; a 1-D tensor is one row), in [0, 1]."""
     rows = stack.view(stack.shape[0], 1, -1) if stack.dim() < 3 else stack
-    return (integer_ranks(rows, dim=2).to(torch.float32) / max(rows.shape[2] - 1, 1)).view_as(stack)
+    return (ranks_along(rows.abs(), 2).to(torch.float32) / max(rows.shape[2] - 1, 1)).view_as(stack)
 
 
 def l1_rescaled(stack: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -376,7 +375,8 @@ class Preprocess:
     def __post_init__(self) -> None:
         if self.method not in ("none", *METHODS):
             raise AdamergeError(f"pool.preprocess.method={self.method!r}; choose from none, {', '.join(METHODS)}")
-        _check_convention(self.convention)
+        if self.convention not in CONVENTIONS:
+            raise AdamergeError(f"pool.preprocess.convention={self.convention!r}; choose from {list(CONVENTIONS)}")
         if self.scope not in (None, *SCOPES):
             raise AdamergeError(f"pool.preprocess.scope={self.scope!r}; choose from null, {', '.join(SCOPES)}")
         if self.rescale and self.convention == "paper" and self.method != "none" and self.sparsifier not in RANDOM:
