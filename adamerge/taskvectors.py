@@ -138,7 +138,8 @@ class TaskVectors:
 #   *weighted* deltas (+ on an exact 0), normalization by the agreeing experts' weights, DARE/DELLA
 #   rescaled to keep each expert's L1 norm, DELLA ranking within rows.
 # The per-expert weights are the task coefficients the merge will use (``pool.preprocess.weights``,
-# by default ``granularity.init``), so ``W0 + sum_k w_k tau'_k`` is mergekit's merge with ``lambda=1``.
+# by default ``granularity.init``), so ``W0 + sum_k w_k tau'_k`` is mergekit's merge with ``lambda=1``;
+# mergekit's ``lambda`` is ``granularity.init = lambda * w`` with ``pool.preprocess.weights = w``.
 
 CONVENTIONS = ("paper", "mergekit")
 SCOPES = ("tensor", "model")

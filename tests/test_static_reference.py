@@ -84,8 +84,8 @@ def mk_della(delta: torch.Tensor, density: float, epsilon: float, u: torch.Tenso
 
 
 def mergekit_reference(base: dict, experts: list[dict], weights: list[float], sparsify, consensus: bool,
-                       normalize: bool, **options) -> dict:
-    """mergekit's GeneralizedTaskArithmetic merge (lambda 1) per tensor, uniforms drawn by the seed contract."""
+                       normalize: bool, lam: float = 1.0, **options) -> dict:
+    """mergekit's GeneralizedTaskArithmetic merge per tensor, uniforms drawn by the seed contract."""
     gen, w, out = torch.Generator().manual_seed(SEED), torch.tensor(weights), {}
     for name in base:
         raw = deltas_of(base, experts, name)
@@ -99,7 +99,7 @@ def mergekit_reference(base: dict, experts: list[dict], weights: list[float], sp
             divisor[divisor == 0] = 1
         else:
             mixed, divisor = d.sum(0), wv.sum(0)
-        out[name] = base[name] + (mixed / divisor if normalize else mixed)
+        out[name] = base[name] + lam * (mixed / divisor if normalize else mixed)
     return out
 
 
@@ -190,6 +190,18 @@ def test_mergekit_convention_matches_mergekit_with_unequal_weights(family, varia
     got = adamerge_merge(family, {**cfg, "convention": "mergekit"}, dict(WEIGHTS))
     assert max_diff(got, expected) <= TOL
     assert max_diff(got, base) > 1e-3  # the merge moved the weights
+
+
+def test_mergekit_lambda_is_the_coefficients_over_the_weights(family):
+    """mergekit ``lambda=1.1`` with weights w: ``granularity.init = 1.1 w``, ``pool.preprocess.weights = w``."""
+    base, experts = plain_dicts(family)
+    weights = [WEIGHTS[e] for e in family.expert_names]
+    expected = mergekit_reference(base, experts, weights, mk_magnitude, True, True, lam=1.1, density=0.2)
+    pool, tv = family.pooled
+    cfg = {"method": "ties", "density": 0.2, "disjoint_mean": True, "convention": "mergekit", "weights": WEIGHTS}
+    init = {e: 1.1 * w for e, w in WEIGHTS.items()}
+    got = dict(MergedModel(pool.base, apply_preprocess(tv, cfg), Task(init=init)).fold().named_parameters())
+    assert max_diff(got, expected) <= TOL
 
 
 @pytest.mark.parametrize("lam", [1.0, 0.4])
