@@ -145,7 +145,7 @@ def checkpoint_callbacks(run_dir: Path, every_n_steps: int) -> list:
     ]
 
 
-def read_resume(path: str | Path, experts: Sequence[str]) -> dict:
+def read_resume(path: str | Path, experts: Sequence[str], granularity: str | None = None) -> dict:
     """The checkpoint named by ``resume=``, read as data (``weights_only=True``: a pickle that carries code is
     refused) and checked against this run's experts, before any model is loaded."""
     path = Path(path).expanduser()
@@ -163,10 +163,13 @@ def read_resume(path: str | Path, experts: Sequence[str]) -> dict:
             from e
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise AdamergeError(f"resume={str(path)!r} is not a Lightning checkpoint (no state_dict)")
-    saved = (checkpoint.get("adamerge") or {}).get("experts")
-    if saved is not None and list(saved) != list(experts):
-        raise AdamergeError(f"resume={str(path)!r} was saved by a run with experts {list(saved)}; this run has "
-                            f"{list(experts)}")
+    saved = checkpoint.get("adamerge") or {}
+    if saved.get("experts") is not None and list(saved["experts"]) != list(experts):
+        raise AdamergeError(f"resume={str(path)!r} was saved by a run with experts {list(saved['experts'])}; this "
+                            f"run has {list(experts)}")
+    if granularity is not None and saved.get("granularity") not in (None, granularity):
+        raise AdamergeError(f"resume={str(path)!r} was saved by a run with granularity {saved['granularity']}; this "
+                            f"run has {granularity}")
     return checkpoint
 
 

@@ -383,7 +383,8 @@ def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None
         if needs_calibration(config, objective) else None
     load_test_sets(config.get("eval") or {}, causal)  # read again for the evaluation: small, and checked now
     if config.get("resume"):
-        read_resume(config["resume"], experts)
+        granularity = GRANULARITIES.get((config.get("granularity") or {}).get("name"))
+        read_resume(config["resume"], experts, granularity.__name__ if granularity else None)
     return Checked(objective, rows)
 
 

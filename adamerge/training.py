@@ -118,4 +118,5 @@ class MergeModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.trainable()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["adamerge"] = {"experts": list(self.merged.experts)}  # checked by read_resume
+        checkpoint["adamerge"] = {"experts": list(self.merged.experts),  # checked by read_resume
+                                  "granularity": type(self.merged.granularity).__name__}

@@ -447,8 +447,10 @@ CASES: dict[str, Case] = {
         "add": t.expert("add"), "sub": t.expert("rev")}, data={"add": t.data("add"), "sub": t.data("rev")}),
         ("saved by a run with experts ['add', 'rev']", "['add', 'sub']")),
     "resume with another granularity": Case(lambda t: t.args(f"resume={t.checkpoint}", "granularity=task"),
-                                            ("resume checkpoint does not fit this run",), loads=True,
-                                            check=no_interrupted_checkpoint),
+                                            ("saved by a run with granularity Layer; this run has Task",)),
+    "resume with other coefficient shapes": Case(lambda t: t.args(f"resume={t.checkpoint}", "pool.include=[layers]"),
+                                                 ("resume checkpoint does not fit this run",), loads=True,
+                                                 check=no_interrupted_checkpoint),
     # from the first failure-mode tests: experts that do not fit the base, untrusted code, data, pool
     "other architecture": Case(lambda t: t.with_expert(t.bad("gpt2")), ("expert 'rev'", "'model.embed_tokens.weight'"),
                                loads=True),
@@ -504,7 +506,8 @@ def template(tmp_path_factory, monkeypatch_module) -> Path:
     write_data_files(root / "data")
     tree = Tree(root)
     for argv in (tree.args(*static(), output=tree.previous),
-                 tree.args("checkpoint.every_n_steps=1", "trainer.enable_checkpointing=true",
+                 tree.args("method=adamerging_layer", "trainer.max_steps=1", "trainer.accumulate_grad_batches=1",
+                           "checkpoint.every_n_steps=1", "trainer.enable_checkpointing=true",
                            f"hydra.run.dir={root / 'trained'}", output=root / "trained" / "merged")):
         result = run_cli(argv, root, monkeypatch_module)
         assert result.code == 0, result.stderr[-3000:]
