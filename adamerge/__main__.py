@@ -90,7 +90,7 @@ def hydra_main(cfg: DictConfig) -> None:
 def where_output_went(summary: dict, run_dir: Path) -> str:
     """The run's last line: where the table or the folded checkpoint and the logs are."""
     if "table" in summary:
-        return f"table: {run_dir / 'results.md'} (per-method logs in {run_dir})"
+        return f"table: {run_dir / 'results.md'}"
     if summary.get("output_dir"):
         return f"folded checkpoint: {summary['output_dir']} (logs in {run_dir})"
     return f"no output_dir; logs and metrics in {run_dir}"
