@@ -49,9 +49,9 @@ def test_a_run_prints_no_chatter_and_logs_everything_to_tensorboard(zoo, tmp_pat
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run, out = tmp_path / "run", tmp_path / "merged"
-    result = adamerge([*zoo.cli_args(), *eval_args(zoo), "trainer.max_steps=3", "trainer.log_every_n_steps=1",
-                       "logger=tensorboard", "trainer.enable_progress_bar=true", f"output_dir={out}",
-                       f"hydra.run.dir={run}"], cwd=tmp_path)
+    result = adamerge([*zoo.cli_args(), *eval_args(zoo), "granularity=layer", "trainer.max_steps=3",
+                       "trainer.log_every_n_steps=1", "logger=tensorboard", "trainer.enable_progress_bar=true",
+                       f"output_dir={out}", f"hydra.run.dir={run}"], cwd=tmp_path)
     printed = result.stdout + result.stderr
     assert not [n for n in NOISE if n in printed], printed
     assert "training" in printed and "3/3" in printed  # the step bar, with the right total
@@ -68,11 +68,24 @@ def test_a_run_prints_no_chatter_and_logs_everything_to_tensorboard(zoo, tmp_pat
     assert events.Scalars("test/after/avg")[-1].value == pytest.approx(after["avg"])
 
 
-def test_verbose_shows_lightnings_lines(zoo, tmp_path):
-    result = adamerge([*zoo.cli_args(), "trainer.max_steps=1", "logger=none", "verbose=true",
-                       "trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'merged'}",
-                       f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
-    assert "GPU available" in result.stdout + result.stderr
+def test_verbose_keeps_the_libraries_lines(monkeypatch):
+    """``verbose=true`` leaves Lightning's info lines and the warnings alone; the default quiets them."""
+    import logging
+    import warnings
+
+    from adamerge.terminal import quiet
+
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))  # restored after the test
+    lightning = logging.getLogger("pytorch_lightning")
+    monkeypatch.setattr(lightning, "level", logging.INFO)
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "WANDB_SILENT"):  # unset now, as they were after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    before = list(warnings.filters)
+    quiet(verbose=True)
+    assert lightning.level == logging.INFO and warnings.filters == before
+    quiet()
+    assert lightning.level == logging.WARNING and len(warnings.filters) > len(before)
 
 
 def wandb_records(run_dir: Path) -> bytes:
