@@ -88,6 +88,17 @@ def test_verbose_keeps_the_libraries_lines(monkeypatch):
     assert lightning.level == logging.WARNING and len(warnings.filters) > len(before)
 
 
+def test_csv_logger_gets_the_config_and_the_test_scores(tmp_path):
+    from adamerge.loggers import build_logger, finish_logger
+
+    logger = build_logger({"name": "csv"}, tmp_path, {"granularity": {"name": "layer"}, "seed": 3})
+    finish_logger(logger, {"before": {"add": 0.25, "avg": 0.25}, "after": {"add": 0.5, "avg": 0.5}}, None, 7)
+    (version,) = tmp_path.glob("logs/version_*")
+    assert yaml.safe_load((version / "hparams.yaml").read_text()) == {"granularity": {"name": "layer"}, "seed": 3}
+    (row,) = csv.DictReader((version / "metrics.csv").open())
+    assert row["step"] == "7" and float(row["test/before/add"]) == 0.25 and float(row["test/after/avg"]) == 0.5
+
+
 def wandb_records(run_dir: Path) -> bytes:
     (offline,) = run_dir.glob("wandb/offline-run-*")
     (log,) = offline.glob("run-*.wandb")
