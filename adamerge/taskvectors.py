@@ -3,9 +3,12 @@
 A merged tensor's task vectors are either a dense stack of shape ``(K, *shape)`` or, when every
 expert changing it is a LoRA adapter, the adapters' factors (``LoraFactors``), densified only where
 a consumer needs dense values (preprocessing, some granularities), with a log line saying so.
-Each preprocessing transform is a pure function on one dense stack that treats every expert's slice
-separately: per tensor (mergekit, peft), or at ``scope=model`` on the whole model flattened into one
-stack (the TIES reference code; this holds one extra copy of the task vectors while it runs).
+Each preprocessing transform is a pure function on one dense stack: the sparsifiers (TIES, DARE, ...)
+treat every expert's slice separately, per tensor (mergekit, peft), or at ``scope=model`` on the whole
+model flattened into one stack (the TIES reference code; this holds one extra copy of the task vectors
+while it runs). The spectral transforms (TSV-M, ISO-C, ISO-CTS: ``adamerge/spectral.py``) and the
+Consensus mask work per tensor across experts, and ``then`` chains further ones after ``method``
+(Consensus on top of TIES, as arXiv 2405.07813 does).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from adamerge.errors import AdamergeError
 from adamerge.pool import TensorInfo
+from adamerge.spectral import SPECTRAL
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +354,33 @@ def combine(sparse: torch.Tensor, consensus: bool, disjoint_mean: bool, conventi
     return kept / disjoint_divisor(kept, agree, weights, convention) if disjoint_mean else kept
 
 
+def consensus(stack: torch.Tensor, raw: torch.Tensor, min_agree: int = 2, tall_lambda: float = 0.6) -> torch.Tensor:
+    """Consensus merging (arXiv 2405.07813, Sec. 4): keep the entries that at least ``min_agree`` tasks'
+    TALL masks need, zero the rest in every expert's slice.
+
+    Task t's TALL mask keeps the entries where the multi-task vector ``tau_mt = sum_k stack[k]`` (task
+    arithmetic, or what ``method`` made, e.g. TIES' disjoint sum) is too far from the task's own
+    vector: ``|tau_t| > tall_lambda * |tau_mt - tau_t|`` with ``tau_t`` the raw task vector. Followed:
+    github.com/nik-dim/tall_masks (as copied in github.com/danielm1405/iso-merging,
+    src/utils/tallmask_utils.py ``generate_task_masks``, ``construct_consensus_mask``); the papers pick
+    ``tall_lambda`` per task on validation data from {0.2, ..., 0.6}; data-free, 0.6 is FusionBench's
+    default (config/method/tall_mask/task_arithmetic.yaml).
+    """
+    merged = stack.sum(0)
+    masks = raw.abs() > tall_lambda * (merged - raw).abs()
+    keep = masks.sum(0) >= min_agree
+    return torch.where(keep, stack, torch.zeros_like(stack))
+
+
+# transforms across experts, per tensor: (options, processed stack, raw stack) -> stack
+TRANSFORMS: dict[str, Callable[[Preprocess, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "tsv": lambda spec, stack, raw: SPECTRAL["tsv"](stack),
+    "iso_c": lambda spec, stack, raw: SPECTRAL["iso_c"](stack),
+    "iso_cts": lambda spec, stack, raw: SPECTRAL["iso_cts"](stack, common_fraction=spec.common_fraction),
+    "consensus": lambda spec, stack, raw: consensus(stack, raw, spec.min_agree, spec.tall_lambda),
+}
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """``pool.preprocess``: sparsify (``METHODS``), elect signs where the method does, normalize.
@@ -360,6 +391,7 @@ class Preprocess:
     TIES and breadcrumbs); under the paper convention only DARE and DELLA rescale.
     ``weights``: the per-expert weights of mergekit's sign election and normalization: a number, a
     mapping expert -> number, ``uniform`` (1/K) or null (1 each); the paper convention ignores them.
+    ``then``: transforms (``TRANSFORMS``) applied per tensor after ``method``, in order.
     """
 
     method: str = "none"
@@ -372,10 +404,24 @@ class Preprocess:
     disjoint_mean: bool = False
     rescale: bool | None = None
     weights: float | str | Mapping[str, float] | None = None
+    common_fraction: float = 0.8
+    min_agree: int = 2
+    tall_lambda: float = 0.6
+    then: str | Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in ("none", *METHODS):
-            raise AdamergeError(f"pool.preprocess.method={self.method!r}; choose from none, {', '.join(METHODS)}")
+        if self.method not in ("none", *METHODS, *TRANSFORMS):
+            raise AdamergeError(f"pool.preprocess.method={self.method!r}; choose from none, "
+                                f"{', '.join([*METHODS, *TRANSFORMS])}")
+        unknown = [s for s in self.steps if s not in TRANSFORMS]
+        if unknown:
+            raise AdamergeError(f"pool.preprocess.then={unknown[0]!r}; choose from {', '.join(TRANSFORMS)}")
+        if self.scope == "model" and self.method in TRANSFORMS:
+            raise AdamergeError(f"pool.preprocess.scope=model: {self.method} works per tensor")
+        _check_fraction("common_fraction", self.common_fraction)
+        if not (self.tall_lambda >= 0 and int(self.min_agree) == self.min_agree >= 0):
+            raise AdamergeError(f"pool.preprocess: tall_lambda={self.tall_lambda} must be >= 0 and "
+                                f"min_agree={self.min_agree} a whole number >= 0")
         if self.convention not in CONVENTIONS:
             raise AdamergeError(f"pool.preprocess.convention={self.convention!r}; choose from {list(CONVENTIONS)}")
         if self.scope not in (None, *SCOPES):
@@ -385,8 +431,19 @@ class Preprocess:
                                 "convention=mergekit rescales to the L1 norm")
 
     @property
-    def sparsifier(self) -> str:
-        return METHODS[self.method][0]
+    def steps(self) -> tuple[str, ...]:
+        """``then`` as a tuple of transform names."""
+        if self.then is None:
+            return ()
+        return (self.then,) if isinstance(self.then, str) else tuple(self.then)
+
+    @property
+    def sparsifier(self) -> str | None:
+        return METHODS[self.method][0] if self.method in METHODS else None
+
+    @property
+    def elects_signs(self) -> bool:
+        return self.method in METHODS and METHODS[self.method][1]
 
     @property
     def effective_scope(self) -> str:
@@ -429,30 +486,41 @@ class Preprocess:
     def apply(self, stack: torch.Tensor, weights: torch.Tensor | None = None,
               generator: torch.Generator | None = None) -> torch.Tensor:
         """One ``(K, *shape)`` stack (a tensor, or at model scope the whole flattened model)."""
-        consensus = METHODS[self.method][1]
-        return combine(self.sparsify(stack, generator), consensus, self.disjoint_mean, self.convention, weights)
+        return combine(self.sparsify(stack, generator), self.elects_signs, self.disjoint_mean, self.convention, weights)
 
 
 def preprocess(tv: TaskVectors, method: str | None = None, seed: int = 0, **options) -> TaskVectors:
-    """Apply ``pool.preprocess`` (``Preprocess``'s fields as keywords); random methods draw from one
-    generator seeded with ``seed``, one ``uniform_draw`` per tensor in ``tv.names`` order (at model
-    scope one for the whole flattened model)."""
+    """Apply ``pool.preprocess`` (``Preprocess``'s fields as keywords): ``method``, then each of ``then``.
+    Random methods draw from one generator seeded with ``seed``, one ``uniform_draw`` per tensor in
+    ``tv.names`` order (at model scope one for the whole flattened model)."""
     try:
         spec = Preprocess(method=method or "none", **options)
     except TypeError as e:
         raise AdamergeError(f"pool.preprocess: {e}") from e
-    if spec.method == "none":
+    if spec.method == "none" and not spec.steps:
         return tv
-    weights = spec.expert_weights(tv.experts)
-    if spec.convention == "mergekit" and METHODS[spec.method][1] and not bool(weights.any()):
+    dense = tv.densified("preprocessing works on dense values")
+    stacks = first_step(spec, dense, seed)
+    for step in spec.steps:  # the raw task vectors stay beside the processed ones while these run
+        stacks = {n: TRANSFORMS[step](spec, s, dense.stacks[n]) for n, s in stacks.items()}
+    return replace(dense, stacks=stacks)
+
+
+def first_step(spec: Preprocess, dense: TaskVectors, seed: int) -> dict[str, torch.Tensor]:
+    """``method`` on every dense stack: a transform or a sparsifier per tensor, or at model scope one
+    sparsifier over the whole flattened model."""
+    if spec.method == "none":
+        return dict(dense.stacks)
+    if spec.method in TRANSFORMS:
+        return {n: TRANSFORMS[spec.method](spec, s, s) for n, s in dense.stacks.items()}
+    weights = spec.expert_weights(dense.experts)
+    if spec.convention == "mergekit" and spec.elects_signs and not bool(weights.any()):
         raise AdamergeError("pool.preprocess.weights are all 0 (they default to granularity.init): mergekit's sign "
                             "election would keep nothing; set pool.preprocess.weights")
     generator = torch.Generator().manual_seed(seed) if spec.sparsifier in RANDOM else None
-    if spec.effective_scope == "tensor":
-        return tv.map(lambda s: spec.apply(s, weights, generator))
-    dense = tv.densified("preprocessing works on dense values")
     names = [n for n in dense.names if n in dense.stacks]
+    if spec.effective_scope == "tensor":
+        return {n: spec.apply(dense.stacks[n], weights, generator) for n in names}
     flat = spec.apply(torch.cat([dense.stacks[n].flatten(1) for n in names], dim=1), weights, generator)
     pieces = flat.split([dense.stacks[n][0].numel() for n in names], dim=1)
-    stacks = {n: piece.reshape(dense.stacks[n].shape) for n, piece in zip(names, pieces, strict=True)}
-    return replace(dense, stacks=stacks)
+    return {n: piece.reshape(dense.stacks[n].shape) for n, piece in zip(names, pieces, strict=True)}

@@ -1,0 +1,158 @@
+"""Task-vector transforms of issue 16 §1 (adamerge/spectral.py, taskvectors.consensus), each against a
+few lines restating its paper's released code, plus its defining property, and one learned run on top.
+
+References: TSV-M github.com/AntoAndGar/task_singular_vectors src/utils/TSVM_utils.py
+``compute_and_sum_svd_mem_reduction``; ISO-C / ISO-CTS github.com/danielm1405/iso-merging
+src/utils/iso.py; Consensus src/utils/tallmask_utils.py of the same repository.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from adamerge import AdamergeError
+from adamerge.spectral import iso_c, iso_cts, tsv
+from adamerge.taskvectors import consensus, preprocess
+
+K = 3
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def stack_of(k: int = K, m: int = 12, n: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(k, m, n, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the references, restated from the released code ---------------------------------------------------
+
+
+def tsv_reference(tvs: list[torch.Tensor]) -> torch.Tensor:
+    """``compute_and_sum_svd_mem_reduction`` for one 2-D key."""
+    u0, s0, v0 = torch.linalg.svd(tvs[0], full_matrices=False)
+    sum_u, sum_s, sum_v = torch.zeros_like(u0), torch.zeros_like(s0), torch.zeros_like(v0)
+    r = s0.shape[0] // len(tvs)
+    for i, vec in enumerate(tvs):
+        u, s, v = torch.linalg.svd(vec, full_matrices=False)
+        sum_u[:, i * r:(i + 1) * r], sum_s[i * r:(i + 1) * r], sum_v[i * r:(i + 1) * r] = u[:, :r], s[:r], v[:r]
+    u_u, _, v_u = torch.linalg.svd(sum_u, full_matrices=False)
+    u_v, _, v_v = torch.linalg.svd(sum_v, full_matrices=False)
+    return torch.linalg.multi_dot((u_u, v_u, torch.diag(sum_s), u_v, v_v))
+
+
+def iso_c_reference(tvs: list[torch.Tensor]) -> torch.Tensor:
+    u, s, v = torch.linalg.svd(sum(tvs), full_matrices=False)
+    return torch.linalg.multi_dot((u, torch.diag(torch.ones_like(s) * s.mean()), v))
+
+
+def iso_cts_reference(tvs: list[torch.Tensor], fraction: float = 0.8) -> torch.Tensor:
+    shape, k = tvs[0].shape, len(tvs)
+    common = int(min(shape) * fraction)
+    common = min(shape) - round((min(shape) - common) / k) * k
+    u, s, v = torch.linalg.svd(sum(tvs), full_matrices=False)
+    cu, cs, cv = u[:, :common], s[:common], v[:common]
+    per = int((min(shape) - common) / k)
+    for i, w in enumerate(tvs):
+        ut, st, vt = torch.linalg.svd(w - cu @ cu.T @ w, full_matrices=False)
+        if i == 0:
+            all_u, all_s, all_v = torch.zeros_like(ut), torch.zeros_like(st), torch.zeros_like(vt)
+        all_u[:, i * per:(i + 1) * per], all_s[i * per:(i + 1) * per], all_v[i * per:(i + 1) * per] = (
+            ut[:, :per], st[:per], vt[:per])
+    all_u[:, k * per:], all_s[k * per:], all_v[k * per:] = cu, cs, cv
+    uu, _, vu = torch.linalg.svd(all_u, full_matrices=False)
+    uv, _, vv = torch.linalg.svd(all_v, full_matrices=False)
+    return torch.linalg.multi_dot((uu @ vu, torch.diag(torch.ones_like(all_s) * all_s.mean()), uv @ vv))
+
+
+# ---- spectral transforms -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12), (9, 9)])
+@pytest.mark.parametrize("transform, reference", [(tsv, tsv_reference), (iso_c, iso_c_reference),
+                                                  (iso_cts, iso_cts_reference)])
+def test_spectral_pieces_sum_to_the_papers_merge(transform, reference, shape):
+    stack = stack_of(m=shape[0], n=shape[1])
+    torch.testing.assert_close(transform(stack).sum(0), reference(list(stack)), **TOL)
+
+
+def test_tsv_ranks_per_expert_and_merged():
+    stack = stack_of(k=4, m=12, n=10)  # r = 10, 10 // 4 = 2 per task
+    pieces = tsv(stack)
+    assert [int(torch.linalg.matrix_rank(p)) for p in pieces] == [2] * 4
+    assert int(torch.linalg.matrix_rank(pieces.sum(0))) <= 4 * 2
+    assert not tsv(stack_of(k=4, m=3, n=5)).any()  # fewer singular values than tasks: nothing kept
+
+
+def test_iso_merges_are_isotropic():
+    for transform in (iso_c, iso_cts):
+        s = torch.linalg.svdvals(transform(stack_of()).sum(0))
+        torch.testing.assert_close(s, s.mean().expand_as(s), **TOL)
+    low = stack_of(k=2, m=12, n=8)[:, :, :1].expand(2, 12, 8).contiguous()  # sum of rank 1
+    s = torch.linalg.svdvals(iso_c(low).sum(0))
+    assert (s > 1e-4).sum() == 1  # the flat spectrum stays within the sum's support
+
+
+def test_non_matrices_take_the_mean():
+    vectors = torch.randn(K, 7)
+    for transform in (tsv, iso_c, iso_cts):
+        torch.testing.assert_close(transform(vectors).sum(0), vectors.mean(0))
+
+
+def test_half_precision_stacks_come_back_in_their_dtype():
+    assert tsv(stack_of().bfloat16()).dtype == torch.bfloat16
+
+
+# ---- consensus -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("min_agree", [0, 1, 2, 3])
+def test_consensus_keeps_entries_enough_tall_masks_need(min_agree):
+    raw = stack_of(m=6, n=5)
+    processed = raw * (raw.abs() > 0.3)  # any earlier step
+    out = consensus(processed, raw, min_agree, tall_lambda=0.6)
+    merged = processed.sum(0)
+    for i in range(6):
+        for j in range(5):
+            votes = sum(bool(raw[t, i, j].abs() > 0.6 * (merged[i, j] - raw[t, i, j]).abs()) for t in range(K))
+            expected = processed[:, i, j] if votes >= min_agree else torch.zeros(K)
+            assert torch.equal(out[:, i, j], expected)
+
+
+# ---- through the engine --------------------------------------------------------------------------------
+
+
+def test_preprocess_chains_consensus_after_ties(llama_family):
+    _, tv = llama_family.pooled
+    ties_only = preprocess(tv, "ties", density=0.5, scope="tensor")
+    chained = preprocess(tv, "ties", density=0.5, scope="tensor", then="consensus")
+    for name in tv.names:
+        expected = consensus(ties_only.stacks[name], tv.stacks[name])
+        assert torch.equal(chained.stacks[name], expected)
+    spectral = preprocess(tv, "tsv")
+    name = "model.layers.0.mlp.down_proj.weight"
+    torch.testing.assert_close(spectral.stacks[name].sum(0), tsv_reference(list(tv.stacks[name])), **TOL)
+    with pytest.raises(AdamergeError, match="then='bogus'"):
+        preprocess(tv, "ties", then=["consensus", "bogus"])
+    with pytest.raises(AdamergeError, match="scope=model"):
+        preprocess(tv, "iso_c", scope="model")
+
+
+def test_learned_coefficients_on_top_of_tsv(tmp_path):
+    """``method=adamerging_task pool.preprocess.method=tsv``: AdaMerging learns on the TSV-M pieces."""
+    from hydra import compose, initialize_config_module
+    from tiny import write_zoo
+
+    from adamerge.__main__ import open_mapping_overrides
+    from adamerge.run import as_dict, run
+
+    zoo = write_zoo(tmp_path / "zoo", rows=4)
+    overrides = [*zoo.cli_args(), "method=adamerging_task", "pool.preprocess.method=tsv",
+                 "pool.preprocess.then=consensus", "trainer.max_steps=2", "trainer.accumulate_grad_batches=1",
+                 "data.batch_size=2", "optim.lr=0.05", "logger=none", "trainer.enable_progress_bar=false",
+                 "trainer.enable_checkpointing=false", "trainer.accelerator=cpu", f"output_dir={tmp_path / 'out'}"]
+    with initialize_config_module("adamerge.conf", version_base=None):
+        cfg = as_dict(compose("config", overrides=open_mapping_overrides(overrides)))
+    cfg["output_dir"] = None
+    result = run(OmegaConf.create(cfg), tmp_path / "run")
+    coefficients = result.coefficients["task"]
+    assert coefficients.shape == (len(zoo.experts), 1) and not torch.allclose(coefficients, torch.tensor(0.3))
