@@ -2,7 +2,9 @@
 method with its paper, the experts, a summary of the learned coefficients and the test metrics.
 
 ``base_model`` in the front matter is the base exactly as the user named it when that is a hub id
-(``org/name``); a local path means nothing on the Hub and is left out of the front matter.
+(``org/name``); a local path means nothing on the Hub and is left out of the front matter. For an upload
+(``hub.repo_id``) it follows the Hub's convention for merges instead: the list of every merged model given
+as a hub id, the base first, then the experts.
 """
 
 from __future__ import annotations
@@ -107,11 +109,24 @@ def model_card(
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     coefficients: Mapping[str, torch.Tensor] | None = None,
     config: Mapping[str, Any] | None = None,
+    merge_sources: Sequence[str] | None = None,
+    adapter: Sequence[str] = (),
+    library: str = "transformers",
 ) -> str:
-    """Hugging Face model card with the merge front matter and a human-readable summary."""
-    front = {"base_model": hub_id(base_model), "base_model_relation": "merge", "tags": ["adamerge", "merge"]}
+    """Hugging Face model card with the merge front matter and a human-readable summary.
+
+    ``merge_sources``: the base's and experts' sources as given; ``base_model`` then lists those that are
+    hub ids (a Hub upload). ``adapter``: markdown about a LoRA adapter of the merge (``lora_output.card_section``);
+    ``library``: ``peft`` when the directory holds the adapter alone.
+    """
+    tags = ["adamerge", "merge", *(["lora", "peft"] if adapter else [])]
+    if config:
+        tags.append(re.sub(r"[^a-z0-9]+", "-", method_name(config).lower()).strip("-"))
+    sources = list(dict.fromkeys(filter(None, map(hub_id, merge_sources or [base_model]))))
+    front = {"base_model": (sources if merge_sources is not None else sources[0]) if sources else None,
+             "base_model_relation": "merge", "tags": tags}
     front = {k: v for k, v in front.items() if v is not None}
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "library_name: transformers", "---", ""]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), f"library_name: {library}", "---", ""]
     lines += ["# Merged model", "", f"Merged with [adamerge](https://github.com/adamerge/adamerge) from "
               f"{len(experts)} expert(s) on top of `{base_model or 'an in-memory base'}`.", ""]
     if config:
@@ -124,6 +139,8 @@ def model_card(
                                   .get("init"))
     if summary:
         lines += ["", "## Learned coefficients", "", *summary]
+    if adapter:
+        lines += ["", "## LoRA adapter", "", *adapter]
     if metrics:
         columns = sorted({c for row in metrics.values() for c in row})
         lines += ["", "## Metrics", "", "| model | " + " | ".join(columns) + " |",

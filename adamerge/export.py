@@ -230,6 +230,8 @@ def save_folded(
     extra_files: Callable[[Path], None] | None = None,
     protected: Mapping[str, str | Path] | None = None,
     record: Mapping[str, Any] | None = None,
+    weights: Callable[[Path], None] | None = None,
+    card: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the folded checkpoint atomically and return its path.
 
@@ -237,6 +239,8 @@ def save_folded(
     directory before it is moved into place; raising there leaves nothing behind. ``protected``
     (role -> path) are inputs ``output_dir`` must not be or contain (see ``check_output_dir``);
     ``record`` goes under the marker key of ``adamerge_config.yaml`` (card details, input fingerprints).
+    ``weights(tmp_dir)`` writes the weights instead of ``model.save_pretrained`` (a LoRA adapter of the
+    merge, ``lora_output.py``); ``card`` holds more keyword arguments of ``card.model_card``.
     Non-finite weights or coefficients are refused: nothing is written.
     """
     target = check_output_dir(output_dir, overwrite, protected)
@@ -248,7 +252,10 @@ def save_folded(
         remove_stale_temporaries(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
         mark_temporary(tmp, target)
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if weights is None:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        else:
+            weights(tmp)
         if base_source is not None:
             copy_tokenizer(base_source, tmp, trust_remote_code)
         if coefficients is not None:
@@ -257,7 +264,7 @@ def save_folded(
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump({**dict(config or {}), MARKER_KEY: marker}, sort_keys=False))
         base_name = str(base_source) if base_source is not None else None
         (tmp / "README.md").write_text(model_card(base_name, experts or {}, card_details, metrics, coefficients,
-                                                    config))
+                                                    config, **(card or {})))
         if extra_files is not None:
             extra_files(tmp)
         replace_dir(tmp, target)

@@ -35,9 +35,18 @@ from adamerge.export import check_output_dir, copy_tokenizer, save_folded
 from adamerge.fingerprint import fingerprints
 from adamerge.granularity import GRANULARITIES, Layer, chunk_limit
 from adamerge.loggers import build_logger, finish_logger
+from adamerge.lora_output import (
+    ADAPTER_DIR,
+    build_adapter,
+    card_section,
+    check_adapter_fits,
+    output_options,
+    write_adapter,
+)
 from adamerge.merged import MergedModel
 from adamerge.objectives import OBJECTIVES, Objective
 from adamerge.pool import ExpertPool, is_local
+from adamerge.publish import hub_options, publish
 from adamerge.taskvectors import TaskVectors, preprocess
 from adamerge.terminal import StepProgressBar
 from adamerge.training import MergeModule
@@ -369,6 +378,8 @@ def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None
     The sources' files are checked next, by ``ExpertPool``, before the base is loaded."""
     check_known_keys(config)
     check_numbers(config)
+    output_options(config)
+    hub_options(config)
     pool_cfg = config.get("pool") or {}
     experts = pool.expert_names if pool is not None else check_task_names(list(pool_cfg.get("experts") or {}))
     objective: Objective = construct(OBJECTIVES, "objective", config.get("objective") or {"name": "entropy"})
@@ -411,6 +422,9 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     logger = build_logger(config.get("logger"), run_dir, config)
     merged, steps_left = build_merged(pool, task_vectors, config, objective, data, tokenizer, run_dir, max_steps,
                                       logger)
+    fmt, rank = output_options(config)
+    if output_dir and fmt != "full":  # an adapter that cannot be written is refused before training
+        check_adapter_fits(merged, pool, rank)
     eval_cfg = config.get("eval") or {}
     metrics = {"before": evaluate_merged(merged, tokenizer, eval_cfg, causal)}
     if steps_left != 0:
@@ -430,6 +444,9 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     result.seconds = time.perf_counter() - start
     if output_dir and rank_zero_only.rank == 0:  # under DDP every rank gets here; one writes
         write_output(merged, pool, objective, config, result, protected_inputs(config, {"the run directory": run_dir}))
+        hub = hub_options(config)
+        if hub is not None:  # after the atomic write: a failed upload leaves the local output complete
+            publish(result.output_dir, **hub)
     return result
 
 
@@ -461,10 +478,14 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
     """The folded checkpoint with its coefficients, config, card and metrics.json (atomic).
 
     With per-task heads, ``output_dir`` holds the merged backbone as a plain ``AutoModel``
-    checkpoint and ``tasks/<task>/`` one classifier per task.
+    checkpoint and ``tasks/<task>/`` one classifier per task. ``output.format=lora`` writes a PEFT adapter
+    of the merge instead of the weights, ``both`` the full checkpoint and the adapter in ``adapter/``.
     """
     heads = len(merged.heads) > 0
     folded = merged.fold().base_model if heads else merged.fold()
+    fmt, rank = output_options(config)
+    adapter = build_adapter(merged, folded, pool, rank) if fmt != "full" else None
+    base_name = str(pool.base_source) if pool.base_source is not None else None
 
     def extra_files(tmp: Path) -> None:
         (tmp / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
@@ -472,6 +493,8 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
             write_task_heads(merged, pool, tmp)
         if is_vision(pool) and pool.base_source is not None:  # the base's image processor (text: its tokenizer)
             build_tokenizer(pool, pool.trust_remote_code).save_pretrained(tmp)
+        if fmt == "both":
+            write_adapter(adapter, merged.base, tmp / ADAPTER_DIR, base_name)
 
     granularity = merged.granularity
     if details is None:  # a refold passes the details of the run that learned the coefficients
@@ -494,4 +517,13 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
         overwrite=bool(config.get("overwrite")), trust_remote_code=bool(config["pool"].get("trust_remote_code")),
         extra_files=extra_files, protected=protected,
         record={"inputs": fingerprints(pool.base_source, pool.expert_sources)},
+        weights=(lambda tmp: write_adapter(adapter, merged.base, tmp, base_name)) if fmt == "lora" else None,
+        card={"adapter": card_section(adapter, fmt) if adapter else (), "library": "peft" if fmt == "lora" else
+              "transformers", "merge_sources": merge_sources(pool) if hub_options(config) else None},
     )
+
+
+def merge_sources(pool: ExpertPool) -> list[str]:
+    """The base's and experts' sources as the user gave them (the card lists the hub ids among them)."""
+    sources = [pool.base_source, *pool.expert_sources.values()]
+    return [str(s) for s in sources if isinstance(s, (str, Path))]

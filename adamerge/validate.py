@@ -56,7 +56,7 @@ def check_known_keys(config: Mapping[str, Any]) -> None:
                for k in ((yaml.safe_load(f.read_text()) or {}).get("preprocess") or {})}
     check_section(preprocess, "pool.preprocess", frozenset(allowed))
     defaults = yaml.safe_load((resources.files("adamerge.conf") / "config.yaml").read_text())
-    for section in ("eval", "checkpoint"):
+    for section in ("eval", "checkpoint", "output", "hub"):
         check_section(config.get(section) or {}, section, frozenset(defaults[section]))
 
 
