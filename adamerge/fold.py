@@ -25,6 +25,7 @@ from adamerge.granularity import GRANULARITIES, Granularity
 from adamerge.merged import MergedModel
 from adamerge.objectives import OBJECTIVES, Objective
 from adamerge.run import RunResult, build_pool, build_task_vectors, construct, protected_inputs, write_output
+from adamerge.terminal import quiet
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --output if it is empty or an earlier adamerge output (never anything else)")
     parser.add_argument("--force", action="store_true", help="fold even if the base or an expert changed on disk")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' info lines and progress bars")
     args = parser.parse_args(argv)
+    quiet(args.verbose)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s", stream=sys.stderr, force=True)
     try:
         print(refold(args.source, args.output, args.overwrite, args.force))
