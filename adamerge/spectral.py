@@ -16,6 +16,8 @@ not matrices (biases, norms, conv kernels) take the mean of the task vectors, as
 - ISO-CTS (same paper): the top singular directions of the sum (``common_fraction`` of the rank),
   plus each task's top directions outside that common subspace, orthogonalized together, with one
   isotropic singular value (their mean). Followed: the same file, ``iso_cts``.
+- STAR (arXiv 2502.10339) works on each expert alone: truncate to ``eta`` percent of the nuclear norm
+  and rescale (``star``); non-matrices stay as they are.
 
 A matrix is any 2-D tensor (embeddings too, as those repositories treat every 2-D tensor but CLIP's
 ``text_projection``, which the user can leave out with ``pool.exclude``).
@@ -114,4 +116,22 @@ def iso_cts(stack: torch.Tensor, common_fraction: float = 0.8) -> torch.Tensor:
     return block_pieces(nearest_orthogonal(u_cat), flat, nearest_orthogonal(vh_cat.T).T, owner, k)
 
 
-SPECTRAL = {"tsv": tsv, "iso_c": iso_c, "iso_cts": iso_cts}
+
+
+def star(stack: torch.Tensor, eta: float = 40.0) -> torch.Tensor:
+    """STAR, spectral truncation and rescale (arXiv 2502.10339), per expert and matrix: keep the fewest
+    top singular values whose sum reaches ``eta`` percent of the nuclear norm (searchsorted + 1), scale
+    them up so that the nuclear norm is unchanged; other tensors are left as they are. The merge then
+    averages the experts (``granularity.init=uniform``). Followed: github.com/IBM/STAR, merger/STAR.py
+    ``star`` (full SVD), runner/*.py (``--eta 40``, simple average)."""
+    if stack.dim() != 3:
+        return stack
+    u, s, vh = torch.linalg.svd(stack.float(), full_matrices=False)
+    total = s.sum(1, keepdim=True)
+    kept = torch.searchsorted(s.cumsum(1), total * eta / 100) + 1  # (K, 1) ranks kept
+    s = torch.where(torch.arange(s.shape[1]) < kept, s, torch.zeros_like(s))
+    s = s * total / s.sum(1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
+    return ((u * s[:, None, :]) @ vh).to(stack.dtype)
+
+
+SPECTRAL = {"tsv": tsv, "iso_c": iso_c, "iso_cts": iso_cts, "star": star}

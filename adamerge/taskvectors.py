@@ -372,13 +372,69 @@ def consensus(stack: torch.Tensor, raw: torch.Tensor, min_agree: int = 2, tall_l
     return torch.where(keep, stack, torch.zeros_like(stack))
 
 
+def min_max(x: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to [0, 1] by its min and max (PCB's ``normalize(x, dim=1)``); a constant row is 0
+    (an expert that left a tensor unchanged), where that code divides by zero."""
+    low, high = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    span = high - low
+    return torch.where(span > 0, (x - low) / torch.where(span > 0, span, 1.0), 0.0)
+
+
+def clamp_quantiles(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """PCB's ``clamp``: each row clamped between its sorted values at ``int(d low)`` and ``int(d (1 - high)) - 1``."""
+    d = x.shape[1]
+    lo = x.kthvalue(int(d * low) + 1, dim=1, keepdim=True).values
+    hi = x.kthvalue(int(d * (1 - high) - 1) + 1, dim=1, keepdim=True).values
+    return torch.minimum(torch.maximum(x, lo), hi)
+
+
+def pcb(stack: torch.Tensor, ratio: float = 0.1) -> torch.Tensor:
+    """PCB-Merging, parameter competition balancing (arXiv 2410.02396, Sec. 3): score every entry by
+    intra-balancing ``exp(K * minmax(|tau_k|)^2)`` times inter-balancing ``tanh(tau_k * sum_j tau_j)``,
+    keep each expert's top ``ratio`` scores (min-max scaled, the rest 0), and merge the magnitude-
+    clipped task vectors (0.01% tails) as the score-weighted mean. Piece k is ``tau_k s_k / sum_j s_j``,
+    so coefficients 1 give that mean. Followed: github.com/duguodong7/pcb-merging, pcb-merging.py
+    ``PCB_merge`` (the README's reference for the method), over each expert's whole flattened slice.
+    """
+    _check_fraction("pcb_ratio", ratio)
+    k, flat = stack.shape[0], stack.flatten(1).float()
+    magnitude = clamp_quantiles(flat.abs(), 0.0001, 0.0001)
+    clipped = torch.sign(flat) * magnitude
+    scores = torch.exp(k * min_max(magnitude) ** 2) * torch.tanh(flat * flat.sum(0))
+    ranked = scores.kthvalue(int(flat.shape[1] * (1 - ratio)) + 1, dim=1, keepdim=True).values
+    scale = min_max(torch.maximum(scores, ranked))
+    pieces = clipped * scale / scale.sum(0).clamp(min=1e-12)
+    return pieces.view_as(stack).to(stack.dtype)
+
+
+def model_stock(stack: torch.Tensor) -> torch.Tensor:
+    """Model Stock (arXiv 2403.19522, Eq. 2): ``W0 + t * mean_k tau_k`` with ``t = K cos / ((K - 1) cos + 1)``,
+    ``cos`` the cosine of the angle between two experts' task vectors of this tensor (for K > 2 the mean
+    pairwise angle). Piece k is ``t tau_k / K`` (coefficients 1). Followed: FusionBench
+    (github.com/tanganke/fusion_bench, fusion_bench/method/model_stock/model_stock.py: angles in fp32,
+    ``eps = 1e-8``), which extends the paper's two-model code (github.com/naver-ai/model-stock)."""
+    k, flat = stack.shape[0], stack.flatten(1).float()
+    if k < 2:
+        raise AdamergeError("model_stock needs at least two experts")
+    norms = flat.norm(dim=1)
+    cos = (flat @ flat.T) / (norms[:, None] * norms[None, :] + 1e-8)
+    pairs = torch.triu_indices(k, k, offset=1)
+    angle = torch.arccos(cos[pairs[0], pairs[1]].clamp(-1.0, 1.0)).mean()
+    ratio = k * torch.cos(angle) / ((k - 1) * torch.cos(angle) + 1 + 1e-8)
+    return (stack.float() * ratio / k).to(stack.dtype)
+
+
 # transforms across experts, per tensor: (options, processed stack, raw stack) -> stack
 TRANSFORMS: dict[str, Callable[[Preprocess, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "tsv": lambda spec, stack, raw: SPECTRAL["tsv"](stack),
     "iso_c": lambda spec, stack, raw: SPECTRAL["iso_c"](stack),
     "iso_cts": lambda spec, stack, raw: SPECTRAL["iso_cts"](stack, common_fraction=spec.common_fraction),
     "consensus": lambda spec, stack, raw: consensus(stack, raw, spec.min_agree, spec.tall_lambda),
+    "star": lambda spec, stack, raw: SPECTRAL["star"](stack, spec.eta),
+    "model_stock": lambda spec, stack, raw: model_stock(stack),
 }
+# transforms over each expert's slice that also run on the whole flattened model (``scope=model``)
+SLICE_TRANSFORMS = {"pcb": lambda spec, stack: pcb(stack, spec.pcb_ratio)}
 
 
 @dataclass(frozen=True)
@@ -405,14 +461,16 @@ class Preprocess:
     rescale: bool | None = None
     weights: float | str | Mapping[str, float] | None = None
     common_fraction: float = 0.8
+    eta: float = 40.0
+    pcb_ratio: float = 0.05
     min_agree: int = 2
     tall_lambda: float = 0.6
     then: str | Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in ("none", *METHODS, *TRANSFORMS):
+        if self.method not in ("none", *METHODS, *TRANSFORMS, *SLICE_TRANSFORMS):
             raise AdamergeError(f"pool.preprocess.method={self.method!r}; choose from none, "
-                                f"{', '.join([*METHODS, *TRANSFORMS])}")
+                                f"{', '.join([*METHODS, *TRANSFORMS, *SLICE_TRANSFORMS])}")
         unknown = [s for s in self.steps if s not in TRANSFORMS]
         if unknown:
             raise AdamergeError(f"pool.preprocess.then={unknown[0]!r}; choose from {', '.join(TRANSFORMS)}")
@@ -449,7 +507,8 @@ class Preprocess:
     def effective_scope(self) -> str:
         if self.scope is not None:
             return self.scope
-        return "model" if self.convention == "paper" and self.sparsifier == "magnitude" else "tensor"
+        paper_whole = self.sparsifier == "magnitude" or self.method in SLICE_TRANSFORMS  # TIES', PCB's code
+        return "model" if self.convention == "paper" and paper_whole else "tensor"
 
     @property
     def effective_rescale(self) -> bool:
@@ -486,6 +545,8 @@ class Preprocess:
     def apply(self, stack: torch.Tensor, weights: torch.Tensor | None = None,
               generator: torch.Generator | None = None) -> torch.Tensor:
         """One ``(K, *shape)`` stack (a tensor, or at model scope the whole flattened model)."""
+        if self.method in SLICE_TRANSFORMS:
+            return SLICE_TRANSFORMS[self.method](self, stack)
         return combine(self.sparsify(stack, generator), self.elects_signs, self.disjoint_mean, self.convention, weights)
 
 

@@ -3,7 +3,9 @@ few lines restating its paper's released code, plus its defining property, and o
 
 References: TSV-M github.com/AntoAndGar/task_singular_vectors src/utils/TSVM_utils.py
 ``compute_and_sum_svd_mem_reduction``; ISO-C / ISO-CTS github.com/danielm1405/iso-merging
-src/utils/iso.py; Consensus src/utils/tallmask_utils.py of the same repository.
+src/utils/iso.py; Consensus src/utils/tallmask_utils.py of the same repository; STAR github.com/IBM/STAR
+merger/STAR.py; PCB github.com/duguodong7/pcb-merging pcb-merging.py; Model Stock FusionBench's
+fusion_bench/method/model_stock/model_stock.py.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from adamerge import AdamergeError
-from adamerge.spectral import iso_c, iso_cts, tsv
-from adamerge.taskvectors import consensus, preprocess
+from adamerge.spectral import iso_c, iso_cts, star, tsv
+from adamerge.taskvectors import consensus, model_stock, pcb, preprocess
 
 K = 3
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -102,6 +104,66 @@ def test_half_precision_stacks_come_back_in_their_dtype():
     assert tsv(stack_of().bfloat16()).dtype == torch.bfloat16
 
 
+def star_reference(matrix: torch.Tensor, eta: float) -> torch.Tensor:
+    u, s, vt = torch.linalg.svd(matrix, full_matrices=False)
+    rank = torch.searchsorted(torch.cumsum(s, 0), s.sum() * eta / 100).item() + 1
+    kept = s[:rank]
+    return u[:, :rank] @ torch.diag_embed(s.sum() / kept.sum() * kept) @ vt[:rank]
+
+
+@pytest.mark.parametrize("eta", [10.0, 40.0, 100.0])
+def test_star_truncates_each_expert_and_keeps_its_nuclear_norm(eta):
+    stack = stack_of()
+    out = star(stack, eta)
+    for k in range(K):
+        torch.testing.assert_close(out[k], star_reference(stack[k], eta), **TOL)
+        torch.testing.assert_close(torch.linalg.svdvals(out[k]).sum(), torch.linalg.svdvals(stack[k]).sum(), **TOL)
+    assert torch.equal(star(stack[:, 0], eta), stack[:, 0])  # vectors untouched
+
+
+# ---- PCB, Model Stock ----------------------------------------------------------------------------------
+
+
+def pcb_reference(flat: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``PCB_merge`` of pcb-merging.py."""
+    def normalize(x):
+        low, high = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+        return (x - low) / (high - low)
+
+    def clamp(x, min_ratio, max_ratio):
+        d = x.size(1)
+        sorted_x = torch.sort(x, dim=1).values
+        return torch.clamp(x, sorted_x[:, int(d * min_ratio)].unsqueeze(1),
+                           sorted_x[:, int(d * (1 - max_ratio) - 1)].unsqueeze(1))
+
+    n = flat.shape[0]
+    magnitude = clamp(flat.abs(), 0.0001, 0.0001)
+    task_pcb = torch.exp(n * normalize(magnitude) ** 2) * torch.tanh(flat * flat.sum(0))
+    scale = normalize(clamp(task_pcb, 1 - ratio, 0))
+    return torch.sum(torch.sign(flat) * magnitude * scale, 0) / torch.clamp(scale.sum(0), min=1e-12)
+
+
+def test_pcb_matches_its_code_and_keeps_each_experts_top_scores():
+    flat = torch.randn(K, 20000, generator=torch.Generator().manual_seed(1))
+    pieces = pcb(flat, ratio=0.1)
+    torch.testing.assert_close(pieces.sum(0), pcb_reference(flat, 0.1), **TOL)
+    assert all(0.09 <= (p != 0).float().mean() <= 0.1 for p in pieces)  # the top 10% (ties at the edge)
+
+
+def test_model_stock_interpolation_ratio():
+    base_dir = torch.randn(40, generator=torch.Generator().manual_seed(2))
+    stack = torch.stack([base_dir + 0.5 * torch.randn(40, generator=torch.Generator().manual_seed(3 + k))
+                         for k in range(K)]).view(K, 8, 5)
+    flat = stack.flatten(1)
+    cos = [torch.nn.functional.cosine_similarity(flat[i], flat[j], 0) for i in range(K) for j in range(i + 1, K)]
+    angle = torch.stack([torch.arccos(c) for c in cos]).mean()
+    t = K * torch.cos(angle) / ((K - 1) * torch.cos(angle) + 1)
+    torch.testing.assert_close(model_stock(stack).sum(0), t * stack.mean(0), **TOL)
+    two = stack[:2].flatten(1)
+    c = torch.nn.functional.cosine_similarity(two[0], two[1], 0)
+    torch.testing.assert_close(model_stock(stack[:2]).sum(0), 2 * c / (1 + c) * stack[:2].mean(0), **TOL)
+
+
 # ---- consensus -----------------------------------------------------------------------------------------
 
 
@@ -131,6 +193,11 @@ def test_preprocess_chains_consensus_after_ties(llama_family):
     spectral = preprocess(tv, "tsv")
     name = "model.layers.0.mlp.down_proj.weight"
     torch.testing.assert_close(spectral.stacks[name].sum(0), tsv_reference(list(tv.stacks[name])), **TOL)
+    whole = preprocess(tv, "pcb", pcb_ratio=0.1)  # scope=model under the paper convention: one ranking
+    flat = torch.cat([tv.stacks[n].flatten(1) for n in tv.names], 1)
+    torch.testing.assert_close(torch.cat([whole.stacks[n].flatten(1) for n in tv.names], 1), pcb(flat, 0.1))
+    stock = preprocess(tv, "model_stock")
+    assert torch.equal(stock.stacks[name], model_stock(tv.stacks[name]))
     with pytest.raises(AdamergeError, match="then='bogus'"):
         preprocess(tv, "ties", then=["consensus", "bogus"])
     with pytest.raises(AdamergeError, match="scope=model"):
