@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -47,6 +48,10 @@ class Granularity(nn.Module):
     Args:
         init: initial coefficient: one float for all experts, a mapping expert -> float, or
             ``"uniform"`` (1/K each, the experts' simple average).
+        lines_beta: LiNeS (arXiv 2410.17146): the coefficients of block ``l`` of ``L`` (the first
+            ``.N.`` in a tensor's name) start at ``init + lines_beta * l / (L - 1)``, tensors outside
+            the blocks at ``init`` (github.com/wang-kee/LiNeS, src/eval/eval.py ``LiNeS_scaling``,
+            with ``alpha`` = ``init``). Needs a coefficient per tensor (not ``granularity=task``).
         transform: applied to the raw parameters before use (see ``TRANSFORMS``).
         space: ``task_vectors`` merges ``W0 + sum_k c_k tau_k``; ``weights`` merges
             ``sum_k c_k W_k`` (DAM's form), computed from the same stack.
@@ -55,14 +60,15 @@ class Granularity(nn.Module):
     state_prefix = "granularity."  # keys of ``state_tensors`` in the saved coefficients file
 
     def __init__(
-        self, init: float | str | Mapping[str, float] = 0.3, transform: str = "identity", space: str = "task_vectors"
+        self, init: float | str | Mapping[str, float] = 0.3, transform: str = "identity", space: str = "task_vectors",
+        lines_beta: float | None = None,
     ) -> None:
         super().__init__()
         if transform not in TRANSFORMS:
             raise AdamergeError(f"granularity.transform={transform!r}; choose from {sorted(TRANSFORMS)}")
         if space not in SPACES:
             raise AdamergeError(f"granularity.space={space!r}; choose from {list(SPACES)}")
-        self.init, self.transform, self.space = init, transform, space
+        self.init, self.transform, self.space, self.lines_beta = init, transform, space, lines_beta
         self.raw = nn.ParameterDict()
         self.keys: dict[str, str] = {}  # tensor name -> key of its group in ``raw``
         self.infos: dict[str, TensorInfo] = {}
@@ -84,15 +90,21 @@ class Granularity(nn.Module):
     # ---- shared machinery -----------------------------------------------------------------------
 
     def setup(self, experts: Sequence[str], infos: Sequence[TensorInfo]) -> None:
-        """Create the raw parameters for these experts and tensors, at ``init``."""
-        init = self.init_values(experts)
-        raw_init = TRANSFORMS[self.transform][1](init)
+        """Create the raw parameters for these experts and tensors, at ``init`` (plus LiNeS' depth term)."""
+        init = self.init_values(experts).tolist()
+        depths = block_depths([i.name for i in infos]) if self.lines_beta is not None else {}
+        group_depth: dict[str, float] = {}
         for info in infos:
             self.infos[info.name] = info
             key = self.group(info).replace(".", "/")
             self.keys[info.name] = key
-            if key not in self.raw:
-                self.raw[key] = nn.Parameter(raw_init[:, None].repeat(1, self.count(info)))
+            if depths and group_depth.setdefault(key, depths[info.name]) != depths[info.name]:
+                raise AdamergeError("granularity.lines_beta scales each layer: it needs a coefficient per tensor "
+                                    "(granularity=layer, block, chunk or column)")
+            if key in self.raw:
+                continue
+            start = self.checked([v + float(self.lines_beta) * depths[info.name] if depths else v for v in init])
+            self.raw[key] = nn.Parameter(TRANSFORMS[self.transform][1](start)[:, None].repeat(1, self.count(info)))
 
     def init_values(self, experts: Sequence[str]) -> torch.Tensor:
         """The ``(K,)`` initial coefficients, validated against the transform's range."""
@@ -105,6 +117,10 @@ class Granularity(nn.Module):
             values = [float(self.init[e]) for e in experts]
         else:
             values = [float(self.init)] * len(experts)
+        return self.checked(values)
+
+    def checked(self, values: Sequence[float]) -> torch.Tensor:
+        """``values`` as a tensor if every initial coefficient is one the transform can produce."""
         for v in values:
             if math.isnan(v) or v < 0:
                 raise AdamergeError(f"granularity.init={v} must be a non-negative number")
@@ -149,6 +165,17 @@ class Granularity(nn.Module):
                 raise AdamergeError(f"coefficients for unknown group {name!r}")
             target = self.raw[key]
             target.copy_(inverse(values.to(target).expand_as(target)))
+
+
+BLOCK_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def block_depths(names: Sequence[str]) -> dict[str, float]:
+    """LiNeS' depth of each tensor: block index ``l`` (the first ``.N.`` in its name) over ``L - 1``, 0 for
+    tensors outside the blocks (embeddings, final norm, head)."""
+    index = {n: int(m.group(1)) if (m := BLOCK_INDEX.search(n)) else None for n in names}
+    last = max((i for i in index.values() if i is not None), default=0)
+    return {n: (i / last if i is not None and last > 0 else 0.0) for n, i in index.items()}
 
 
 def _singleton_view(coef: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:

@@ -180,6 +180,24 @@ def test_consensus_keeps_entries_enough_tall_masks_need(min_agree):
             assert torch.equal(out[:, i, j], expected)
 
 
+# ---- LiNeS: a per-layer start of the coefficients ---------------------------------------------------
+
+
+def test_lines_coefficients_grow_linearly_with_depth(llama_family):
+    from adamerge.granularity import Layer, Task
+
+    infos = list(llama_family.infos().values())
+    layer = Layer(init="uniform", lines_beta=0.6)
+    layer.setup(list(llama_family.expert_names), infos)
+    table = layer.table()
+    start = {"model.embed_tokens.weight": 1 / K, "model.layers.0.mlp.up_proj.weight": 1 / K,
+             "model.layers.1.self_attn.q_proj.weight": 1 / K + 0.6, "lm_head.weight": 1 / K}
+    for name, value in start.items():
+        torch.testing.assert_close(table[name], torch.full((K, 1), value))
+    with pytest.raises(AdamergeError, match="lines_beta scales each layer"):
+        Task(init=0.3, lines_beta=0.5).setup(list(llama_family.expert_names), infos)
+
+
 # ---- through the engine --------------------------------------------------------------------------------
 
 
