@@ -9,10 +9,12 @@ Frobenius norm), computed from the factors through two thin QRs, never densified
 is dense (full experts, mixed pools, weight space, element-wise chunks) are approximated by a truncated SVD at
 ``output.rank``; without a rank they are refused, as no exact low-rank form exists.
 
-Tensors that are not matrices of a Linear / Embedding / Conv1D (norms, biases, ...) and changed, and, in a pool
-of LoRA adapters only, dense matrices (the experts' own ``modules_to_save``), are stored whole through peft's
-``modules_to_save``: their module's merged values, exactly. Where that module is itself a LoRA target (a
-Linear's bias) it cannot be: the tensor is dropped, and the log and the model card name it. Every tensor's
+Changed biases of LoRA targets go into peft's ``lora_bias`` (which Embedding LoRA does not take: embeddings are
+then stored whole). Other changed tensors that are not matrices of a Linear / Embedding / Conv1D (norms, ...)
+and, in a pool of LoRA adapters only, dense matrices (the experts' own ``modules_to_save``) are stored whole
+through peft's ``modules_to_save``: their module's merged values, exactly. Where that module holds a LoRA target
+it cannot be: the tensor is dropped, and the log and the model card name it. An output head tied to the input
+embeddings gets their LoRA factors, or their merged values, too (peft adapts each module apart). Every tensor's
 relative Frobenius error ``||D - D_r|| / ||D||`` and the overall one (dropped tensors count fully) are logged,
 written to ``adapter_report.json`` and shown in the model card.
 """
@@ -100,9 +102,11 @@ def check_adapter_fits(merged: MergedModel, pool: ExpertPool, rank: int | None) 
 @dataclass
 class Adapter:
     """A LoRA adapter of the merge: ``lora[module] = (left, right)`` with ``left @ right`` the delta of the
-    module's weight (as stored), ``whole[module]`` the merged state of a ``modules_to_save`` module."""
+    module's weight (as stored), ``bias[module]`` the delta of its bias (peft's ``lora_bias``),
+    ``whole[module]`` the merged state of a ``modules_to_save`` module."""
 
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)
     whole: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)  # tensor -> relative Frobenius error
     dropped: list[str] = field(default_factory=list)
@@ -116,7 +120,7 @@ class Adapter:
     def report(self) -> dict[str, Any]:
         ranks = {m: left.shape[1] for m, (left, _) in self.lora.items()}
         return {"overall_relative_error": self.overall_error, "relative_error": self.errors, "ranks": ranks,
-                "modules_to_save": sorted(self.whole), "dropped": self.dropped}
+                "lora_bias": sorted(self.bias), "modules_to_save": sorted(self.whole), "dropped": self.dropped}
 
 
 def truncated(left: torch.Tensor, right: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -146,41 +150,90 @@ def factor_energy(left: torch.Tensor, right: torch.Tensor) -> float:
 def build_adapter(merged: MergedModel, folded: nn.Module, pool: ExpertPool, rank: int | None) -> Adapter:
     """The adapter of the merge ``folded`` (= ``merged.fold()``) on ``merged.base``, tensor by tensor."""
     check_adapter_fits(merged, pool, rank)
-    base, merged_params, adapter = dict(merged.base.named_parameters()), dict(folded.named_parameters()), Adapter()
-    adapters_only, whole = all_adapters(pool), []
+    adapter, whole, adapters_only = Adapter(), [], all_adapters(pool)
     with torch.no_grad():
         for name in merged.names:
-            kind, module = storage(merged, name, adapters_only), lora_module(merged.base, name)
-            if kind == "whole":
+            if storage(merged, name, adapters_only) == "whole":
                 whole.append(name)
-                continue
-            if kind == "factors":
-                operands = factor_operands(merged.source(name), merged.granularity.broadcast(name))
-                left, right = operands[0].float(), operands[1].float()
-                if rank is None or rank >= left.shape[1]:
-                    adapter.lora[module], adapter.energy[name] = (left, right), (0.0, factor_energy(left, right))
-                    continue
-                left, right, lost, total = truncated(left, right, rank)
             else:
-                left, right, lost, total = dense_svd(merged_params[name].float() - base[name].float(), rank)
-            adapter.lora[module], adapter.energy[name] = (left, right), (lost, total)
+                add_lora(adapter, merged, folded, name, rank)
+        whole += whole_embeddings_for_biases(adapter, merged.base, whole)
+        add_tied(adapter, merged.base)
         for name in whole:
-            add_whole(adapter, folded, name, (merged_params[name].float() - base[name].float()).square().sum().item())
+            add_whole(adapter, folded, name, dense_delta(merged, folded, name))
     adapter.errors = {n: (lost / total) ** 0.5 if total > 0 else 0.0 for n, (lost, total) in adapter.energy.items()}
     log_report(adapter)
     return adapter
 
 
-def add_whole(adapter: Adapter, folded: nn.Module, name: str, total: float) -> None:
-    """Tensor ``name`` stored exactly with its whole module (``modules_to_save``), or dropped where that
-    module is, or holds, a LoRA target."""
-    module = name.rpartition(".")[0]
-    if not module or any(t == module or t.startswith(f"{module}.") for t in adapter.lora):
+def dense_delta(merged: MergedModel, folded: nn.Module, name: str) -> torch.Tensor:
+    """Merged minus base value of tensor ``name``, in fp32."""
+    return folded.get_parameter(name).float() - merged.base.get_parameter(name).float()
+
+
+def add_lora(adapter: Adapter, merged: MergedModel, folded: nn.Module, name: str, rank: int | None) -> None:
+    """Matrix ``name``'s merged delta as LoRA factors: the experts' own (exact, or truncated to ``rank``), or
+    the truncated SVD of the dense delta."""
+    module = lora_module(merged.base, name)
+    source = merged.source(name)
+    if isinstance(source, LoraFactors):
+        left, right = (t.float() for t in factor_operands(source, merged.granularity.broadcast(name)))
+        if rank is None or rank >= left.shape[1]:
+            adapter.lora[module], adapter.energy[name] = (left, right), (0.0, factor_energy(left, right))
+            return
+        left, right, lost, total = truncated(left, right, rank)
+    else:
+        left, right, lost, total = dense_svd(dense_delta(merged, folded, name), rank)
+    adapter.lora[module], adapter.energy[name] = (left, right), (lost, total)
+
+
+def whole_embeddings_for_biases(adapter: Adapter, model: nn.Module, whole: list[str]) -> list[str]:
+    """Changed biases of LoRA targets need peft's ``lora_bias``, which Embedding LoRA does not take: such
+    embeddings leave the LoRA targets and are stored whole (exact, larger). Returns their weights' names."""
+    biased = [n for n in whole if n.endswith(".bias") and n.rpartition(".")[0] in adapter.lora]
+    embeddings = [m for m in adapter.lora if type(model.get_submodule(m)).__name__ == "Embedding"]
+    if not (biased and embeddings):
+        return []
+    log.info("LoRA adapter: %d embedding(s) stored whole (modules_to_save) so that %d changed bias(es) can be "
+             "lora_bias", len(embeddings), len(biased))
+    for module in embeddings:
+        del adapter.lora[module]
+    return [f"{m}.weight" for m in embeddings]
+
+
+def tied_to(model: nn.Module, module: str) -> list[str]:
+    """The other modules sharing ``module``'s weight (an output head tied to the input embeddings)."""
+    weight = getattr(model.get_submodule(module), "weight", None)
+    return [name for name, m in model.named_modules()
+            if weight is not None and name != module and getattr(m, "weight", None) is weight]
+
+
+def add_tied(adapter: Adapter, model: nn.Module) -> None:
+    """A LoRA module's tied partners get its factors too: peft adds a LoRA per module, so the tie alone would
+    not carry the delta to the output head."""
+    for module in list(adapter.lora):
+        for other in tied_to(model, module):
+            if type(model.get_submodule(other)).__name__ in LORA_MODULES:
+                adapter.lora.setdefault(other, adapter.lora[module])
+
+
+def add_whole(adapter: Adapter, folded: nn.Module, name: str, delta: torch.Tensor) -> None:
+    """Tensor ``name`` stored exactly: the bias of a Linear / Conv1D LoRA target as ``lora_B``'s bias (peft's
+    ``lora_bias``, which Embedding LoRA does not take), else with its whole module (``modules_to_save``) unless
+    that module is, or holds, a LoRA target: then it is dropped."""
+    module, _, leaf = name.rpartition(".")
+    total = delta.square().sum().item()
+    embedding = any(type(folded.get_submodule(m)).__name__ == "Embedding" for m in adapter.lora)
+    if leaf == "bias" and module in adapter.lora and not embedding:
+        adapter.bias[module], adapter.energy[name] = delta, (0.0, total)
+    elif module and not any(t == module or t.startswith(f"{module}.") for t in adapter.lora):
+        for stored in (module, *tied_to(folded, module)):  # peft copies each modules_to_save module: ties break
+            state = folded.get_submodule(stored).state_dict()
+            adapter.whole[stored] = {k: v.detach().clone() for k, v in state.items()}
+        adapter.energy[name] = (0.0, total)
+    else:
         adapter.dropped.append(name)
         adapter.energy[name] = (total, total)
-        return
-    adapter.whole[module] = {k: v.detach().clone() for k, v in folded.get_submodule(module).state_dict().items()}
-    adapter.energy[name] = (0.0, total)
 
 
 def log_report(adapter: Adapter) -> None:
@@ -207,6 +260,8 @@ def peft_tensors(adapter: Adapter, model: nn.Module, dtype: torch.dtype) -> dict
             tensors[f"{PREFIX}{module}.lora_embedding_A"], tensors[f"{PREFIX}{module}.lora_embedding_B"] = a, b
         else:
             tensors[f"{PREFIX}{module}.lora_A.weight"], tensors[f"{PREFIX}{module}.lora_B.weight"] = a, b
+            if adapter.bias:  # lora_bias is one switch for every module: zero where the bias did not change
+                tensors[f"{PREFIX}{module}.lora_B.bias"] = adapter.bias.get(module, b.new_zeros(b.shape[0]))
     for module, state in adapter.whole.items():
         tensors.update({f"{PREFIX}{module}.{k}": v for k, v in state.items()})
     return {k: v.to(device="cpu", dtype=dtype).contiguous() for k, v in tensors.items()}
@@ -228,6 +283,7 @@ def peft_config(adapter: Adapter, model: nn.Module, base_source: str | None):
     conv1d = any(type(model.get_submodule(m)).__name__ == "Conv1D" for m in ranks)
     return LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=pattern, alpha_pattern=pattern,
                         modules_to_save=sorted(adapter.whole) or None, fan_in_fan_out=conv1d, lora_dropout=0.0,
+                        lora_bias=bool(adapter.bias),
                         base_model_name_or_path=base_source, inference_mode=True)
 
 

@@ -158,3 +158,17 @@ def test_a_run_refuses_an_inexact_adapter_before_training_and_bad_options_before
         with pytest.raises(AdamergeError, match=message):
             run({**config, "pool": {"base": str(tmp_path / "missing"), "experts": {"a": "./a"}}, "output": output},
                 tmp_path / "run")
+
+
+def test_gpt2_conv1d_biases_and_a_tied_head_at_full_rank_give_the_merge_itself(gpt2_family, tmp_path):
+    """Conv1D matrices (stored transposed), changed biases (peft's lora_bias, which moves the Embeddings to
+    modules_to_save) and the output head tied to the input embeddings (stored with them)."""
+    pool = gpt2_family.pool()
+    merged = random_merge(pool, Layer(init=0.3))
+    write(merged, pool, tmp_path / "out", "lora", rank=32)  # every GPT-2 matrix here has rank <= 32
+    report = json.loads((tmp_path / "out" / "adapter_report.json").read_text())
+    assert report["dropped"] == [] and report["overall_relative_error"] < 1e-6
+    assert "transformer.h.0.attn.c_attn" in report["lora_bias"]
+    assert {"transformer.wte", "lm_head"} <= set(report["modules_to_save"])
+    got = peft_output(gpt2_family.base(), tmp_path / "out", gpt2_family.inputs)
+    assert (got - output_of(merged, gpt2_family.inputs)).abs().max().item() <= 1e-4
