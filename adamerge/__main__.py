@@ -142,6 +142,10 @@ def main() -> None:
         from adamerge.fold import main as fold_main
 
         sys.exit(fold_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "plan":
+        from adamerge.plan import main as plan_main
+
+        sys.exit(plan_main(sys.argv[2:]))
     from adamerge.resolvers import register_resolvers
 
     register_resolvers()

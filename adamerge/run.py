@@ -45,6 +45,8 @@ from adamerge.lora_output import (
 )
 from adamerge.merged import MergedModel
 from adamerge.objectives import OBJECTIVES, Objective
+from adamerge.options import construct, parse_dtype, parse_offload
+from adamerge.plan import plan_line
 from adamerge.pool import ExpertPool, is_local
 from adamerge.publish import hub_options, publish
 from adamerge.taskvectors import TaskVectors, preprocess
@@ -54,32 +56,9 @@ from adamerge.validate import check_known_keys, check_numbers, check_task_names
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
 
 def as_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-
-
-def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise AdamergeError(f"{key}={name!r}; choose from {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
-def construct(registry: Mapping[str, type], group: str, cfg: Mapping) -> Any:
-    """Build ``registry[cfg.name](**rest)``; unknown names and keys become one clear error."""
-    options = dict(cfg)
-    name = options.pop("name", None)
-    if name not in registry:
-        raise AdamergeError(f"{group}={name!r} is unknown; choose from {sorted(registry)}")
-    try:
-        return registry[name](**options)
-    except TypeError as e:
-        raise AdamergeError(f"{group} {name!r}: {e}") from e
 
 
 def build_pool(cfg: Mapping) -> ExpertPool:
@@ -107,15 +86,6 @@ def build_task_model(cfg: Mapping):
                              trust_remote_code=bool(cfg.get("trust_remote_code")))
     except TypeError as e:
         raise AdamergeError(f"pool.zeroshot: {e}") from e
-
-
-def parse_offload(value: Any) -> bool:
-    """``pool.offload``: null (task vectors on ``pool.device``) or ``cpu`` (host memory, streamed)."""
-    if value in (None, False, "none"):
-        return False
-    if value != "cpu":
-        raise AdamergeError(f"pool.offload={value!r}; choose from null, cpu")
-    return True
 
 
 def build_task_vectors(pool: ExpertPool, cfg: Mapping, seed: int = 0) -> TaskVectors:
@@ -410,6 +380,7 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     config = as_dict(cfg)
     run_dir = Path(run_dir)
     checked = check_before_loading(config, run_dir, pool)
+    log.info("%s", plan_line(config, checked.rows, pool.base if pool is not None else None))
     objective, seed, output_dir = checked.objective, int(config.get("seed", 0)), config.get("output_dir")
     pl.seed_everything(seed, workers=True, verbose=False)
     pool = pool or build_pool(config["pool"])
