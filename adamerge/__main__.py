@@ -69,6 +69,9 @@ def hydra_main(cfg: DictConfig) -> None:
               "one is unchanged)", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
     except Exception as raised:  # recorded for the sweep summary, then reported
+        from adamerge.loggers import close_failed_run
+
+        close_failed_run()
         e = adamerge_cause(raised)
         summary = {"status": "failed", "overrides": overrides, "error": f"{type(e).__name__}: {e}",
                    "seconds": time.perf_counter() - start}

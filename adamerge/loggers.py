@@ -10,6 +10,7 @@ each method is its own run: ``logger.run_name`` names it, ``logger.group`` group
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -81,3 +82,11 @@ def finish_logger(logger: Logger | None, metrics: Mapping[str, Mapping[str, floa
     logger.finalize("success")
     if isinstance(logger, WandbLogger):
         logger.experiment.finish()
+
+
+def close_failed_run() -> None:
+    """A job that failed mid-run leaves its W&B run open; the next job of a sweep (same process) would
+    otherwise log into it. Marks it failed and closes it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 
 LIBRARY_LOGGERS = ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric", "transformers",
                    "peft", "sentence_transformers", "datasets", "huggingface_hub")
@@ -55,12 +57,12 @@ class StepProgressBar(TQDMProgressBar):
         super().__init__(leave=False)
         self.description = description
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        super().on_train_start(trainer, pl_module)
-        bar = self.train_progress_bar
-        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
-        bar.n = trainer.global_step  # a resumed run starts where it stopped
-        bar.set_description(self.description)
+    def init_train_tqdm(self) -> Tqdm:
+        """Lightning's training bar, made with its final label and total (a resumed run starts where it stopped)."""
+        steps = self.trainer.max_steps
+        return Tqdm(desc=self.description, total=steps if steps > 0 else None, initial=self.trainer.global_step,
+                    position=2 * self.process_position, disable=self.is_disabled, leave=False, dynamic_ncols=True,
+                    file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
 
     def on_train_epoch_start(self, trainer, *_) -> None:
         """Keep the one bar (Lightning's resets it per epoch)."""
@@ -74,3 +76,8 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         """The bar lives until the fit ends, not the epoch."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A failed fit (NaN, Ctrl+C) closes its bar, so that the error is not followed by a stale one."""
+        if self._train_progress_bar is not None:
+            self._train_progress_bar.close()
