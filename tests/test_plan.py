@@ -230,3 +230,19 @@ def test_a_hub_id_is_planned_offline_from_its_config_alone(tmp_path):
     summary = result.stdout.strip().splitlines()[-1]
     assert summary.startswith("plan: K=2, bfloat16") and "fits" in summary
     assert not any(p.suffix in (".safetensors", ".bin") for p in (tmp_path / "hub").rglob("*"))
+
+
+# ---- SLURM sweeps: the launcher config composes with the run's own trainer settings --------------------------
+
+def test_slurm_launcher_follows_the_trainer():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                        reason="hydra-submitit-launcher is not installed (pip install hydra-submitit-launcher)")
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("adamerge.conf", version_base=None):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer.devices=4", "+trainer.num_nodes=2",
+                                           "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert launcher.partition == "gpu"
