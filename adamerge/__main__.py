@@ -145,6 +145,10 @@ def main() -> None:
         from adamerge.fold import main as fold_main
 
         sys.exit(fold_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "inspect":
+        from adamerge.kinship import main as inspect_main
+
+        sys.exit(inspect_main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "plan":
         from adamerge.plan import main as plan_main
 

@@ -34,8 +34,18 @@ PAPERS = {
     "Expert Merging++": "https://arxiv.org/abs/2509.25712",
     "DAM": "https://arxiv.org/abs/2410.08371",
     "DOGE": "https://arxiv.org/abs/2501.01230",
+    "TSV-M": "https://arxiv.org/abs/2412.00081",
+    "ISO-C": "https://arxiv.org/abs/2502.04959",
+    "ISO-CTS": "https://arxiv.org/abs/2502.04959",
+    "Consensus merging": "https://arxiv.org/abs/2405.07813",
+    "STAR": "https://arxiv.org/abs/2502.10339",
+    "PCB-Merging": "https://arxiv.org/abs/2410.02396",
+    "Model Stock": "https://arxiv.org/abs/2403.19522",
+    "LiNeS": "https://arxiv.org/abs/2410.17146",
 }
-STATIC_PREPROCESSING = {"ties": "TIES-Merging", "dare": "DARE", "della": "DELLA", "breadcrumbs": "Model Breadcrumbs"}
+STATIC_PREPROCESSING = {"ties": "TIES-Merging", "dare": "DARE", "della": "DELLA", "breadcrumbs": "Model Breadcrumbs",
+                        "tsv": "TSV-M", "iso_c": "ISO-C", "iso_cts": "ISO-CTS", "consensus": "Consensus merging",
+                        "star": "STAR", "pcb": "PCB-Merging", "model_stock": "Model Stock"}
 
 
 def hub_id(base: str | None) -> str | None:
@@ -48,11 +58,17 @@ def hub_id(base: str | None) -> str | None:
 def method_name(config: Mapping[str, Any]) -> str:
     """The method a resolved config amounts to (the README's method table read backwards)."""
     granularity, objective = config.get("granularity") or {}, (config.get("objective") or {}).get("name")
-    preprocess = ((config.get("pool") or {}).get("preprocess") or {}).get("method") or "none"
+    steps = ((config.get("pool") or {}).get("preprocess") or {})
+    preprocess = steps.get("method") or "none"
+    then = [steps["then"]] if isinstance(steps.get("then"), str) else list(steps.get("then") or [])
     static = int((config.get("trainer") or {}).get("max_steps", 0)) == 0
     if objective == "projected":
         return "DOGE"
     if static:
+        if "consensus" in then:
+            return "Consensus merging"
+        if granularity.get("lines_beta") is not None:
+            return "LiNeS"
         if preprocess in STATIC_PREPROCESSING:
             return STATIC_PREPROCESSING[preprocess]
         return "Simple average" if granularity.get("init") == "uniform" else "Task arithmetic"
@@ -112,12 +128,14 @@ def model_card(
     merge_sources: Sequence[str] | None = None,
     adapter: Sequence[str] = (),
     library: str = "transformers",
+    kinship: Sequence[str] = (),
 ) -> str:
     """Hugging Face model card with the merge front matter and a human-readable summary.
 
     ``merge_sources``: the base's and experts' sources as given; ``base_model`` then lists those that are
     hub ids (a Hub upload). ``adapter``: markdown about a LoRA adapter of the merge (``lora_output.card_section``);
-    ``library``: ``peft`` when the directory holds the adapter alone.
+    ``library``: ``peft`` when the directory holds the adapter alone. ``kinship``: the markdown table of
+    ``kinship.merged_kinship`` (how alike the experts' task vectors are).
     """
     tags = ["adamerge", "merge", *(["lora", "peft"] if adapter else [])]
     if config:
@@ -141,6 +159,10 @@ def model_card(
         lines += ["", "## Learned coefficients", "", *summary]
     if adapter:
         lines += ["", "## LoRA adapter", "", *adapter]
+    if kinship:
+        lines += ["", "## Kinship of the experts", "", "Cosine similarity of each pair's task vectors as merged (after "
+                  "any `pool.preprocess`) and the agreement of their signs where both change a parameter; low "
+                  "values mark experts that interfere.", "", *kinship]
     if metrics:
         columns = sorted({c for row in metrics.values() for c in row})
         lines += ["", "## Metrics", "", "| model | " + " | ".join(columns) + " |",

@@ -34,6 +34,7 @@ from adamerge.errors import AdamergeError
 from adamerge.export import check_output_dir, copy_tokenizer, save_folded
 from adamerge.fingerprint import fingerprints
 from adamerge.granularity import GRANULARITIES, Layer, chunk_limit
+from adamerge.kinship import merged_kinship
 from adamerge.loggers import build_logger, finish_logger
 from adamerge.lora_output import (
     ADAPTER_DIR,
@@ -490,7 +491,8 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
         record={"inputs": fingerprints(pool.base_source, pool.expert_sources)},
         weights=(lambda tmp: write_adapter(adapter, merged.base, tmp, base_name)) if fmt == "lora" else None,
         card={"adapter": card_section(adapter, fmt) if adapter else (), "library": "peft" if fmt == "lora" else
-              "transformers", "merge_sources": merge_sources(pool) if hub_options(config) else None},
+              "transformers", "merge_sources": merge_sources(pool) if hub_options(config) else None,
+              "kinship": merged_kinship(merged)},
     )
 
 

@@ -1,0 +1,237 @@
+"""Model kinship: how alike the experts' task vectors are, per pair of experts, overall and per layer.
+
+Two numbers per pair, over the whole model and per layer (the tensors of one block ``....N``; other
+tensors each on their own): the cosine similarity of the two task vectors (model kinship, arXiv
+2410.20186, compares fine-tunes by the similarity of their delta parameters) and their sign
+agreement, the fraction of the entries both experts change whose signs agree (what TIES' sign
+election, arXiv 2306.01708, resolves). A cosine near or below 0 and a sign agreement near or below
+50% mark experts that interfere when merged; the layers where a pair conflicts most are listed.
+
+``python -m adamerge inspect pool.base=DIR pool.experts.NAME=DIR ...`` prints the table before any
+merge: tensor by tensor from the checkpoints' safetensors files when every model is a local
+directory of them (one base tensor and one tensor per expert in memory at a time), else through the
+expert pool (one expert loaded at a time). The model card of a merge carries the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adamerge.errors import AdamergeError
+
+LAYER = re.compile(r"^(.*?\.\d+)\.")
+SHOWN_LAYERS = 3
+
+
+@dataclass
+class PairStats:
+    """Sums over the tensors seen so far for one pair of experts (a, b)."""
+
+    dot: float = 0.0
+    sq_a: float = 0.0
+    sq_b: float = 0.0
+    agree: int = 0  # entries both change with the same sign
+    both: int = 0  # entries both change
+
+    def add(self, other: PairStats) -> None:
+        self.dot += other.dot
+        self.sq_a += other.sq_a
+        self.sq_b += other.sq_b
+        self.agree += other.agree
+        self.both += other.both
+
+    @property
+    def cosine(self) -> float:
+        norm = (self.sq_a * self.sq_b) ** 0.5
+        return self.dot / norm if norm > 0 else 0.0
+
+    @property
+    def sign_agreement(self) -> float:
+        return self.agree / self.both if self.both else float("nan")
+
+    def cells(self) -> str:
+        """``cosine, sign agreement`` for a table (n/a where no entry is changed by both)."""
+        agreement = f"{self.sign_agreement:.1%}" if self.both else "n/a"
+        return f"{self.cosine:.3f}, {agreement}"
+
+
+@dataclass
+class Kinship:
+    experts: list[str]
+    overall: dict[tuple[int, int], PairStats] = field(default_factory=dict)
+    layers: dict[str, dict[tuple[int, int], PairStats]] = field(default_factory=dict)
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        k = len(self.experts)
+        return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+def layer_of(name: str) -> str:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``; a tensor outside the blocks is its own layer."""
+    match = LAYER.match(name)
+    return match.group(1) if match else name
+
+
+def tensor_stats(stack: torch.Tensor) -> dict[tuple[int, int], PairStats]:
+    """Every pair's dot product, squared norms and sign counts on one ``(K, *shape)`` stack (fp32 sums)."""
+    flat = stack.flatten(1)
+    wide = flat.float()
+    gram = wide @ wide.T
+    signs = torch.sign(flat).to(torch.int8)
+    out = {}
+    for i in range(flat.shape[0]):
+        for j in range(i + 1, flat.shape[0]):
+            product = signs[i] * signs[j]
+            out[(i, j)] = PairStats(gram[i, j].item(), gram[i, i].item(), gram[j, j].item(),
+                                    int((product > 0).sum()), int((product != 0).sum()))
+    return out
+
+
+def kinship(experts: Sequence[str], stacks: Iterable[tuple[str, torch.Tensor]]) -> Kinship:
+    """Accumulate the pair statistics over ``(name, (K, *shape) stack)`` pairs, one tensor at a time."""
+    result = Kinship(list(experts))
+    result.overall = {pair: PairStats() for pair in result.pairs}
+    for name, stack in stacks:
+        if stack.shape[0] != len(experts):
+            raise AdamergeError(f"{name}: a stack of {stack.shape[0]} task vectors for {len(experts)} experts")
+        layer = result.layers.setdefault(layer_of(name), {pair: PairStats() for pair in result.pairs})
+        for pair, stats in tensor_stats(stack).items():
+            result.overall[pair].add(stats)
+            layer[pair].add(stats)
+    return result
+
+
+def markdown(result: Kinship, shown: int = SHOWN_LAYERS) -> list[str]:
+    """One row per pair: overall cosine and sign agreement, and the layers with the lowest cosine."""
+    if not result.pairs:
+        return []
+    lines = ["| experts | cosine, sign agreement | most conflicting layers (cosine, sign agreement) |",
+             "|---|---|---|"]
+    for pair in result.pairs:
+        changed = [layer for layer in result.layers if result.layers[layer][pair].both]  # both experts change it
+        worst = sorted(changed, key=lambda layer: result.layers[layer][pair].cosine)[:shown]
+        cells = ", ".join(f"`{layer}` ({result.layers[layer][pair].cells()})" for layer in worst)
+        a, b = (result.experts[i] for i in pair)
+        lines.append(f"| {a} / {b} | {result.overall[pair].cells()} | {cells} |")
+    return lines
+
+
+def merged_kinship(merged) -> list[str]:
+    """The table for a merge (the model card): the task vectors as merged, i.e. after ``pool.preprocess``."""
+    with torch.no_grad():
+        return markdown(kinship(merged.experts, ((n, merged.stack(n)) for n in merged.names)))
+
+
+# ---- python -m adamerge inspect --------------------------------------------------------------------------
+
+
+def safetensors_files(directory: Path) -> list[Path] | None:
+    """The checkpoint's safetensors files (sharded or not), or None if it has none."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / s for s in shards]
+    single = directory / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+class TensorFiles:
+    """Tensors of one checkpoint by name, read lazily from its safetensors files."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        from safetensors import safe_open
+
+        self.handles = [safe_open(str(f), framework="pt") for f in files]
+        self.where = {key: h for h in self.handles for key in h.keys()}  # noqa: SIM118 (safe_open is no mapping)
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, name: str) -> list[int]:
+        return self.where[name].get_slice(name).get_shape()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.where[name].get_tensor(name)
+
+
+def selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """``pool.include`` / ``pool.exclude`` as the pool applies them (regex search)."""
+    return (not include or any(re.search(rx, name) for rx in include)) and not any(
+        re.search(rx, name) for rx in exclude)
+
+
+def streamed_stacks(base: TensorFiles, experts: Sequence[TensorFiles], include: Sequence[str] = (),
+                    exclude: Sequence[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, stack)`` for every floating tensor the base and every expert hold with the same shape."""
+    for name in base.names():
+        if not selected(name, include, exclude) or any(name not in e.where for e in experts):
+            continue
+        if any(e.shape(name) != base.shape(name) for e in experts):
+            continue
+        w0 = base.get(name)
+        if not w0.is_floating_point():
+            continue
+        yield name, torch.stack([e.get(name).to(w0.dtype) - w0 for e in experts])
+
+
+def stacks_of(pool_cfg: Mapping) -> tuple[list[str], Iterable[tuple[str, torch.Tensor]]]:
+    """The experts and their task-vector stacks: streamed from safetensors where every model is a local
+    directory holding them, else from the expert pool (which reads any source adamerge reads)."""
+    experts = {k: str(v) for k, v in (pool_cfg.get("experts") or {}).items()}
+    if not pool_cfg.get("base") or len(experts) < 2:
+        raise AdamergeError("inspect needs pool.base=DIR_OR_ID and at least two pool.experts.NAME=DIR_OR_ID")
+    files = [safetensors_files(Path(p)) if Path(p).is_dir() else None for p in [pool_cfg["base"], *experts.values()]]
+    if all(files):
+        base, *rest = (TensorFiles(f) for f in files)
+        return list(experts), streamed_stacks(base, rest, pool_cfg.get("include") or (), pool_cfg.get("exclude") or ())
+    from adamerge.run import build_pool, raw_task_vectors
+
+    tv = raw_task_vectors(build_pool(pool_cfg), pool_cfg)
+    return tv.experts, ((n, tv.factors[n].dense() if n in tv.factors else tv.stacks[n]) for n in tv.names)
+
+
+def compose_pool(overrides: Sequence[str]) -> dict:
+    """``pool`` of the config these command-line overrides make (the same syntax as a merge run)."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from adamerge.__main__ import open_mapping_overrides
+    from adamerge.resolvers import register_resolvers
+
+    register_resolvers()
+    try:
+        with initialize_config_module("adamerge.conf", version_base=None):
+            cfg = compose("config", overrides=open_mapping_overrides(list(overrides)))
+    except HydraException as e:
+        raise AdamergeError(str(e).splitlines()[0]) from e
+    return OmegaConf.to_container(cfg.pool, resolve=True)
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m adamerge inspect",
+        description="Kinship of the experts' task vectors (cosine similarity and sign agreement per pair, "
+                    "overall and per layer) before merging.")
+    parser.add_argument("overrides", nargs="*", help="pool.base=DIR_OR_ID pool.experts.NAME=DIR_OR_ID ...")
+    parser.add_argument("--layers", type=int, default=SHOWN_LAYERS, help="conflicting layers shown per pair")
+    args = parser.parse_args(list(argv))
+    try:
+        experts, stacks = stacks_of(compose_pool(args.overrides))
+        result = kinship(experts, stacks)
+    except AdamergeError as e:
+        print(f"adamerge: error: {e}", file=sys.stderr)
+        return 2
+    print(f"Kinship of {len(experts)} experts' task vectors over {len(result.layers)} layers "
+          "(cosine similarity; sign agreement over the entries both change):\n")
+    print("\n".join(markdown(result, args.layers)))
+    return 0
