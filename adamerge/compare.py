@@ -3,6 +3,12 @@
 ``compare.methods`` lists methods as Hydra overrides on top of the job's own config; the pool and
 its task vectors are built once and shared by every method. The table also has the base and the
 experts (each on its own task), and is printed, and written as ``results.md`` / ``results.json``.
+
+Each average carries its 95% interval, so that a reader can tell a difference from noise: the
+normal approximation over the test items, ``avg +- 1.96 * sqrt(sum_k q_k (1 - q_k) / n_k) / K`` for
+K tasks with n_k items each (items of one task are independent draws; tasks are independent). The
+variance uses Agresti and Coull's adjusted proportion ``q_k = (hits_k + 2) / (n_k + 4)`` rather than
+the score itself, so that a perfect (or zero) score still carries its uncertainty instead of ``± 0``.
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ HALF_WIDTH = "avg 95% +-"
 """A row's key for the half-width of its average's 95% interval (a fraction, like the scores)."""
 
 
-def test_sizes(eval_cfg: Mapping, causal: bool) -> dict[str, int]:
+def item_counts(eval_cfg: Mapping, causal: bool) -> dict[str, int]:
     """Items per test task, as ``evaluate_model`` reads them (``eval.limit`` included)."""
     fields = ["prompt", "answer"] if causal else [eval_cfg.get("field", "text"), eval_cfg.get("label_field", "label")]
     return {t: len(load_task_examples(p, fields, t, eval_cfg.get("limit")))
@@ -79,8 +85,10 @@ def test_sizes(eval_cfg: Mapping, causal: bool) -> dict[str, int]:
 
 
 def average_half_width(scores: Mapping[str, float], sizes: Mapping[str, int]) -> float:
-    """Half-width of the 95% normal-approximation interval of the unweighted mean of per-task accuracies."""
-    variance = sum(scores[t] * (1 - scores[t]) / n for t, n in sizes.items()) / len(sizes) ** 2
+    """Half-width of the 95% normal-approximation interval of the unweighted mean of per-task accuracies
+    (variance from Agresti-Coull adjusted proportions, see the module docstring)."""
+    adjusted = {t: (scores[t] * n + 2) / (n + 4) for t, n in sizes.items()}
+    variance = sum(adjusted[t] * (1 - adjusted[t]) / n for t, n in sizes.items()) / len(sizes) ** 2
     return Z95 * math.sqrt(variance)
 
 
@@ -108,12 +116,24 @@ def interval_note(sizes: Mapping[str, int]) -> str:
     """The line under a table that says what its ± means and how noisy one task's score is."""
     low, high = min(sizes.values()), max(sizes.values())
     counts = f"{low}" if low == high else f"{low}-{high}"
-    return (f"avg ± : 95% interval (normal approximation) over {counts} test items per task; one task's score "
-            f"alone is within ±{100 * Z95 * math.sqrt(0.25 / low):.1f} points (at 50%).")
+    return (f"avg ± : 95% interval (normal approximation, Agresti-Coull) over {counts} test items per task; "
+            f"one task's score alone is within ±{100 * Z95 * math.sqrt(0.25 / low):.1f} points (at 50%).")
 
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def method_row(method: Mapping, pool, raw, run_dir: Path, compose=compose_method) -> dict[str, float]:
+    """One method's row: its config composed on the job's, run on the shared pool and raw task vectors."""
+    method_cfg = as_dict(compose(method["overrides"]))
+    method_cfg["output_dir"] = None
+    # each method is its own logger run, named after it and grouped with the others of this table
+    method_cfg["logger"] = {**method_cfg["logger"], "run_name": method["name"], "group": "/".join(run_dir.parts[-2:])}
+    tv = prepare_task_vectors(raw, method_cfg["pool"], int(method_cfg.get("seed", 0)))
+    log.info("method %s: %s", method["name"], " ".join(method["overrides"]))
+    result = run(OmegaConf.create(method_cfg), run_dir / slug(method["name"]), pool, tv)
+    return {**result.metrics["after"], "time (s)": result.seconds}
 
 
 def compare(cfg: DictConfig, run_dir: Path, compose=compose_method) -> dict[str, dict[str, float]]:
@@ -129,16 +149,8 @@ def compare(cfg: DictConfig, run_dir: Path, compose=compose_method) -> dict[str,
     rows = base_and_expert_rows(pool, raw, tokenizer, eval_cfg, causal)
     experts = rows["experts (each on its task)"]
     for method in config["compare"]["methods"]:
-        method_cfg = as_dict(compose(method["overrides"]))
-        method_cfg["output_dir"] = None
-        # each method is its own logger run, named after it and grouped with the others of this table
-        method_cfg["logger"] = {**method_cfg["logger"], "run_name": method["name"],
-                                "group": "/".join(run_dir.parts[-2:])}
-        tv = prepare_task_vectors(raw, method_cfg["pool"], int(method_cfg.get("seed", 0)))
-        log.info("method %s: %s", method["name"], " ".join(method["overrides"]))
-        result = run(OmegaConf.create(method_cfg), run_dir / slug(method["name"]), pool, tv)
-        rows[method["name"]] = {**result.metrics["after"], "time (s)": result.seconds}
-    sizes = test_sizes(eval_cfg, causal)
+        rows[method["name"]] = method_row(method, pool, raw, run_dir, compose)
+    sizes = item_counts(eval_cfg, causal)
     for row in rows.values():
         row["norm. avg"] = normalized_accuracy({t: row[t] for t in tasks}, {t: experts[t] for t in tasks})["avg"]
         row[HALF_WIDTH] = average_half_width(row, sizes)
