@@ -477,8 +477,8 @@ def teacher_cache(model: nn.Module, obj_cfg: Mapping, data_cfg: Mapping, tasks: 
     per_example = n * top * (4 + 8) + layers * n * model.config.hidden_size * dtype_size + 8 * length
     if examples is None:
         return 0, f"{human(per_example)} per example (set data.limit to count them)"
-    return examples * per_example, (f"{examples} examples x {n} positions x top-{top} "
-                                    + (f"+ {layers} hidden layer(s)" if layers else "") + " (on the device)")
+    hidden = f" + {layers} hidden layer(s)" if layers else ""
+    return examples * per_example, f"{examples} examples x {n} positions x top-{top}{hidden} (on the device)"
 
 
 def activations(model: nn.Module, obj_cfg: Mapping, data_cfg: Mapping, tasks: int, steps: int,
