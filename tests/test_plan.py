@@ -177,9 +177,10 @@ def measure_run(config: dict, run_dir: Path, out) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_peak_rss_of_a_real_run_is_within_the_plan(tmp_path):
-    """Tolerance: -15% .. +15% of the plan's peak, plus 40 MiB for what the plan leaves out (tokenizer,
-    Lightning's trainer, Python objects, allocator slack). RSS is what a shared machine measures robustly once
-    the allocator returns freed blocks (fixed mmap threshold) and the peak is reset right before the run."""
+    """Tolerance: -15% .. +15% of the plan's peak, plus 100 MiB for what the plan leaves out (tokenizer,
+    Lightning's trainer, Python objects, allocator slack: 30-100 MiB in runs of this and a half-size model).
+    RSS is what a shared machine measures robustly once the allocator returns freed blocks (fixed mmap
+    threshold) and the peak is reset right before the run."""
     from adamerge.run import run  # noqa: F401  (imported before the fork: the child measures the run, not imports)
 
     experts = write_llama(tmp_path, 2)
@@ -197,7 +198,7 @@ def test_peak_rss_of_a_real_run_is_within_the_plan(tmp_path):
     assert child.exitcode == 0
     grown = receive.recv()
     mib = {"measured": grown / 2**20, "plan": plan.peak / 2**20}
-    assert 0.85 * plan.peak <= grown <= 1.15 * plan.peak + 40 * 2**20, mib
+    assert 0.85 * plan.peak <= grown <= 1.15 * plan.peak + 100 * 2**20, mib
 
 
 # ---- a hub id planned offline from a cache holding only its config.json --------------------------------------
@@ -228,7 +229,8 @@ def test_a_hub_id_is_planned_offline_from_its_config_alone(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "7,241,732,096 parameters in bfloat16" in result.stdout  # Mistral-7B's count, from the config alone
     summary = result.stdout.strip().splitlines()[-1]
-    assert summary.startswith("plan: K=2, bfloat16") and "fits" in summary
+    # 13.5 GiB base + 27 GiB stacks + 2 x 13.5 GiB merged weights and their gradients + activations > 80 GB
+    assert summary.startswith("plan: K=2, bfloat16") and summary.endswith("does NOT fit 74.5 GiB device")
     assert not any(p.suffix in (".safetensors", ".bin") for p in (tmp_path / "hub").rglob("*"))
 
 
