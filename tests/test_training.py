@@ -310,7 +310,8 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(zoo16, t
     common = [*zoo16.cli_args(), "trainer.max_steps=4", "trainer.accelerator=cpu", "optim.lr=0.05", "logger=none",
               "trainer.enable_progress_bar=false", "trainer.enable_checkpointing=false"]
     single = cli(tmp_path / "single", [*common, "data.batch_size=8"])
-    ddp = cli(tmp_path / "ddp", [*common, "data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp"])
+    ddp = cli(tmp_path / "ddp", [*common, "data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp",
+                                 "verbose=true"])  # Lightning's info lines say how many processes started
     for name, proc in (("single", single), ("ddp", ddp)):
         assert proc.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     assert "Starting with 2 processes" in (tmp_path / "ddp.log").read_text() or \
