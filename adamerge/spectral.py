@@ -25,6 +25,9 @@ A matrix is any 2-D tensor (embeddings too, as those repositories treat every 2-
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 
@@ -34,16 +37,16 @@ def nearest_orthogonal(x: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def per_matrix(transform):
+def per_matrix(transform: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Lift a transform of one ``(K, m, n)`` fp32 stack to any stack: matrices go through it, other
     tensors become the mean of the task vectors (``tau_k / K`` each)."""
 
+    @functools.wraps(transform)
     def apply(stack: torch.Tensor, **options) -> torch.Tensor:
         if stack.dim() != 3:
             return stack / stack.shape[0]
         return transform(stack.float(), **options).to(stack.dtype)
 
-    apply.__name__, apply.__doc__ = transform.__name__, transform.__doc__
     return apply
 
 
@@ -69,7 +72,7 @@ def tsv(stack: torch.Tensor) -> torch.Tensor:
     u, s, vh = torch.linalg.svd(stack, full_matrices=False)  # (K, m, r), (K, r), (K, r, n)
     u_cat = u[:, :, :keep].permute(1, 0, 2).reshape(m, k * keep)
     vh_cat = vh[:, :keep].reshape(k * keep, n)
-    owner = torch.arange(k).repeat_interleave(keep)
+    owner = torch.arange(k, device=stack.device).repeat_interleave(keep)
     return block_pieces(nearest_orthogonal(u_cat), s[:, :keep].reshape(-1),
                         nearest_orthogonal(vh_cat.T).T, owner, k)
 
@@ -111,7 +114,8 @@ def iso_cts(stack: torch.Tensor, common_fraction: float = 0.8) -> torch.Tensor:
     u_cat = torch.cat([u_t[:, :, :per_task].permute(1, 0, 2).reshape(m, k * per_task), u_c], 1)
     vh_cat = torch.cat([vh_t[:, :per_task].reshape(k * per_task, n), vh_c], 0)
     s_cat = torch.cat([s_t[:, :per_task].reshape(-1), s_c])
-    owner = torch.cat([torch.arange(k).repeat_interleave(per_task), torch.full((common,), -1)])
+    owner = torch.cat([torch.arange(k, device=stack.device).repeat_interleave(per_task),
+                       torch.full((common,), -1, device=stack.device)])
     flat = torch.full_like(s_cat, s_cat.mean().item())  # K * per_task + common = r slots
     return block_pieces(nearest_orthogonal(u_cat), flat, nearest_orthogonal(vh_cat.T).T, owner, k)
 
@@ -129,7 +133,7 @@ def star(stack: torch.Tensor, eta: float = 40.0) -> torch.Tensor:
     u, s, vh = torch.linalg.svd(stack.float(), full_matrices=False)
     total = s.sum(1, keepdim=True)
     kept = torch.searchsorted(s.cumsum(1), total * eta / 100) + 1  # (K, 1) ranks kept
-    s = torch.where(torch.arange(s.shape[1]) < kept, s, torch.zeros_like(s))
+    s = torch.where(torch.arange(s.shape[1], device=s.device) < kept, s, torch.zeros_like(s))
     s = s * total / s.sum(1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
     return ((u * s[:, None, :]) @ vh).to(stack.dtype)
 

@@ -418,7 +418,7 @@ def model_stock(stack: torch.Tensor) -> torch.Tensor:
         raise AdamergeError("model_stock needs at least two experts")
     norms = flat.norm(dim=1)
     cos = (flat @ flat.T) / (norms[:, None] * norms[None, :] + 1e-8)
-    pairs = torch.triu_indices(k, k, offset=1)
+    pairs = torch.triu_indices(k, k, offset=1, device=flat.device)
     angle = torch.arccos(cos[pairs[0], pairs[1]].clamp(-1.0, 1.0)).mean()
     ratio = k * torch.cos(angle) / ((k - 1) * torch.cos(angle) + 1 + 1e-8)
     return (stack.float() * ratio / k).to(stack.dtype)
