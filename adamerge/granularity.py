@@ -68,6 +68,9 @@ class Granularity(nn.Module):
             raise AdamergeError(f"granularity.transform={transform!r}; choose from {sorted(TRANSFORMS)}")
         if space not in SPACES:
             raise AdamergeError(f"granularity.space={space!r}; choose from {list(SPACES)}")
+        if lines_beta is not None and (isinstance(lines_beta, bool) or not isinstance(lines_beta, int | float)
+                                       or not math.isfinite(lines_beta)):
+            raise AdamergeError(f"granularity.lines_beta={lines_beta!r} must be a number or null")
         self.init, self.transform, self.space, self.lines_beta = init, transform, space, lines_beta
         self.raw = nn.ParameterDict()
         self.keys: dict[str, str] = {}  # tensor name -> key of its group in ``raw``

@@ -14,6 +14,7 @@ Consensus mask work per tensor across experts, and ``then`` chains further ones 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -476,10 +477,13 @@ class Preprocess:
             raise AdamergeError(f"pool.preprocess.then={unknown[0]!r}; choose from {', '.join(TRANSFORMS)}")
         if self.scope == "model" and self.method in TRANSFORMS:
             raise AdamergeError(f"pool.preprocess.scope=model: {self.method} works per tensor")
-        _check_fraction("common_fraction", self.common_fraction)
-        if not (self.tall_lambda >= 0 and int(self.min_agree) == self.min_agree >= 0):
-            raise AdamergeError(f"pool.preprocess: tall_lambda={self.tall_lambda} must be >= 0 and "
-                                f"min_agree={self.min_agree} a whole number >= 0")
+        for name, low, high in (("common_fraction", 0, 1), ("pcb_ratio", 0, 1), ("eta", 0, 100),
+                                ("tall_lambda", 0, math.inf), ("min_agree", 0, math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise AdamergeError(f"pool.preprocess.{name}={value!r} must be a number within [{low}, {high}]")
+        if self.min_agree != int(self.min_agree):
+            raise AdamergeError(f"pool.preprocess.min_agree={self.min_agree} must be a whole number of tasks")
         if self.convention not in CONVENTIONS:
             raise AdamergeError(f"pool.preprocess.convention={self.convention!r}; choose from {list(CONVENTIONS)}")
         if self.scope not in (None, *SCOPES):

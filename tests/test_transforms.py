@@ -196,6 +196,8 @@ def test_lines_coefficients_grow_linearly_with_depth(llama_family):
         torch.testing.assert_close(table[name], torch.full((K, 1), value))
     with pytest.raises(AdamergeError, match="lines_beta scales each layer"):
         Task(init=0.3, lines_beta=0.5).setup(list(llama_family.expert_names), infos)
+    with pytest.raises(AdamergeError, match="lines_beta='x'"):
+        Layer(lines_beta="x")
 
 
 # ---- through the engine --------------------------------------------------------------------------------
@@ -220,6 +222,9 @@ def test_preprocess_chains_consensus_after_ties(llama_family):
         preprocess(tv, "ties", then=["consensus", "bogus"])
     with pytest.raises(AdamergeError, match="scope=model"):
         preprocess(tv, "iso_c", scope="model")
+    for bad in ({"eta": 150.0}, {"pcb_ratio": "x"}, {"min_agree": 1.5}, {"tall_lambda": -1}):
+        with pytest.raises(AdamergeError, match=rf"pool\.preprocess\.{next(iter(bad))}="):
+            preprocess(tv, "consensus", **bad)
 
 
 def test_learned_coefficients_on_top_of_tsv(tmp_path):
