@@ -396,13 +396,15 @@ def pcb(stack: torch.Tensor, ratio: float = 0.1) -> torch.Tensor:
     clipped task vectors (0.01% tails) as the score-weighted mean. Piece k is ``tau_k s_k / sum_j s_j``,
     so coefficients 1 give that mean. Followed: github.com/duguodong7/pcb-merging, pcb-merging.py
     ``PCB_merge`` (the README's reference for the method), over each expert's whole flattened slice.
+    Memory: about six fp32 copies of the stack while it runs (of the whole model at ``scope=model``, the
+    code's choice; ``scope=tensor`` ranks per tensor and holds them for one tensor at a time).
     """
     _check_fraction("pcb_ratio", ratio)
     k, flat = stack.shape[0], stack.flatten(1).float()
     magnitude = clamp_quantiles(flat.abs(), 0.0001, 0.0001)
     clipped = torch.sign(flat) * magnitude
     scores = torch.exp(k * min_max(magnitude) ** 2) * torch.tanh(flat * flat.sum(0))
-    ranked = scores.kthvalue(int(flat.shape[1] * (1 - ratio)) + 1, dim=1, keepdim=True).values
+    ranked = scores.kthvalue(min(int(flat.shape[1] * (1 - ratio)), flat.shape[1] - 1) + 1, dim=1, keepdim=True).values
     scale = min_max(torch.maximum(scores, ranked))
     pieces = clipped * scale / scale.sum(0).clamp(min=1e-12)
     return pieces.view_as(stack).to(stack.dtype)
