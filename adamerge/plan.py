@@ -94,9 +94,26 @@ def meta_base(pool_cfg: Mapping) -> nn.Module:
     trust = bool(pool_cfg.get("trust_remote_code"))
     config = base_config(source, trust)
     dtype = parse_dtype(pool_cfg.get("dtype"), "pool.dtype") or config_dtype(config)
+    if pool_cfg.get("zeroshot"):
+        return zeroshot_classifier(config, pool_cfg, dtype)
     auto_class = resolve_auto_class(pool_cfg.get("auto_class", "AutoModelForCausalLM"))
     with torch.device("meta"):
         return auto_class.from_config(config, dtype=dtype, trust_remote_code=trust)
+
+
+def zeroshot_classifier(config, pool_cfg: Mapping, dtype: torch.dtype) -> nn.Module:
+    """``pool.zeroshot``: what the run merges is CLIP's vision tower inside a zero-shot classifier
+    (``adamerge.zeroshot``), not the whole CLIP; its head has the first task's classes."""
+    from transformers import CLIPVisionConfig
+
+    from adamerge.zeroshot import CLIPZeroShotClassifier
+
+    first = next(iter(pool_cfg.get("experts") or {}), None)
+    classes = ((pool_cfg["zeroshot"].get("classnames") or {}).get(first)) or ["class"]
+    vision = CLIPVisionConfig(**{**config.vision_config.to_dict(), "projection_dim": config.projection_dim,
+                                 "id2label": dict(enumerate(classes))})
+    with torch.device("meta"):
+        return CLIPZeroShotClassifier(vision).to(dtype)
 
 
 def config_dtype(config) -> torch.dtype:
@@ -209,6 +226,26 @@ def keeps_factors(granularity: Granularity, info: TensorInfo, num_experts: int) 
 
 
 # ---- the plan ----------------------------------------------------------------------------------------------
+
+def vector_layout(params: Mapping[str, torch.Tensor], infos: Mapping[str, TensorInfo],
+                  changes: Mapping[str, ExpertChanges], granularity: Granularity, preprocess: bool
+                  ) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """Elements of each dense stack (``K x numel``), of each tensor's LoRA factors (``(rows + cols) x ranks``),
+    and those summed ranks, as ``ExpertPool.task_vectors`` and ``MergedModel`` lay them out: factors only where
+    every expert changing a tensor is LoRA and neither preprocessing nor the granularity needs dense values."""
+    k = len(changes)
+    dense, factors, ranks_of = {}, {}, {}
+    for n, info in infos.items():
+        full = [e for e, c in changes.items() if c.dense is None or n in c.dense]
+        lora = [c.ranks[n] for c in changes.values() if n in c.ranks]
+        if not full and not lora:
+            continue  # no expert changes it: no task vector
+        if full or preprocess or not keeps_factors(granularity, info, k):
+            dense[n] = k * params[n].numel()
+        else:
+            factors[n], ranks_of[n] = sum(lora) * sum(params[n].shape[:2]), sum(lora)
+    return dense, factors, ranks_of
+
 
 @dataclass(frozen=True)
 class Line:
@@ -339,17 +376,8 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
     preprocess = ((pool_cfg.get("preprocess") or {}).get("method") or "none") != "none"
 
     infos = {n: describe_tensor(model, n, params[n]) for n in names}
-    changes = expert_changes(model, experts, names)
-    dense, factors, ranks_of = {}, {}, {}
-    for n in names:
-        full = [e for e, c in changes.items() if c.dense is None or n in c.dense]
-        lora = [c.ranks[n] for c in changes.values() if n in c.ranks]
-        if not full and not lora:
-            continue
-        if full or preprocess or not keeps_factors(granularity, infos[n], k):
-            dense[n] = k * params[n].numel()
-        else:
-            factors[n], ranks_of[n] = sum(lora) * sum(params[n].shape[:2]), sum(lora)
+    dense, factors, ranks_of = vector_layout(params, infos, expert_changes(model, experts, names), granularity,
+                                             preprocess)
     tv_size = (tv_dtype or base_dtype).itemsize
     stack_bytes = tv_size * sum(dense.values())
     factor_bytes = tv_size * sum(factors.values()) + 8 * sum(ranks_of.values())  # + the int64 owner per rank slot
@@ -359,7 +387,7 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     merged_bytes = sum(params[n].numel() * params[n].element_size() for n in vector_names)
     largest = max((params[n].numel() for n in vector_names), default=0)
-    gemv = all(granularity.count(infos[n]) == 1 and not isinstance(granularity, Block) for n in vector_names)
+    gemv = all(granularity.count(infos[n]) == 1 for n in vector_names)  # one scalar per expert: no (K, *shape)
     temporary = (k if dense and not gemv else 1) * largest * 4  # (coef * stack) in fp32, else one fp32 delta
 
     on_device_stacks = stack_bytes // split
@@ -453,10 +481,25 @@ def scored_positions(obj_cfg: Mapping, data_cfg: Mapping) -> tuple[int, int]:
     return (length if positions == "all" else 1), length
 
 
-def output_width(model: nn.Module) -> int:
-    """Logits per position: the vocabulary, or a classifier's labels."""
-    config = model.config
-    return int(config.num_labels) if "Classification" in type(model).__name__ else int(config.vocab_size)
+@dataclass(frozen=True)
+class Dims:
+    """What activations and a teacher cache scale with, read from a transformers config (0 where it has none,
+    e.g. a CLIP wrapper: those estimates are then 0)."""
+
+    hidden: int
+    mlp: int
+    layers: int
+    width: int  # logits per position: the vocabulary, or a classifier's labels
+    classifier: bool  # one row of logits per example, not one per token
+
+
+def dims_of(model: nn.Module) -> Dims:
+    config = getattr(model, "config", None)
+    h = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
+    classifier = "Classif" in type(model).__name__  # *ForSequenceClassification, CLIPZeroShotClassifier
+    return Dims(h, int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * h),
+                int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0),
+                int(getattr(config, "num_labels" if classifier else "vocab_size", 0) or 0), classifier)
 
 
 def teacher_cache(model: nn.Module, obj_cfg: Mapping, data_cfg: Mapping, tasks: Sequence[str],
@@ -467,14 +510,13 @@ def teacher_cache(model: nn.Module, obj_cfg: Mapping, data_cfg: Mapping, tasks: 
     if name not in ("align", "dam") or teacher != "cached" or steps <= 0:
         return 0, "none (no cached teacher)" if name in ("align", "dam") else f"none ({name} has no teacher)"
     examples = task_rows(data_cfg, tasks, rows)
-    causal = "Classification" not in type(model).__name__
-    n, length = scored_positions(obj_cfg, data_cfg) if causal else (1, 0)
-    width = output_width(model)
-    top = min(int(obj_cfg.get("top_k") or width), width)
+    dims = dims_of(model)
+    n, length = (1, 0) if dims.classifier else scored_positions(obj_cfg, data_cfg)
+    top = min(int(obj_cfg.get("top_k") or dims.width), dims.width)
     hidden_weight = 0.0 if name == "dam" else float(obj_cfg.get("hidden_weight", 1.0))
     layers = len(obj_cfg.get("hidden_layers") or [0]) if hidden_weight > 0 else 0
     dtype_size = next(model.parameters()).element_size()
-    per_example = n * top * (4 + 8) + layers * n * model.config.hidden_size * dtype_size + 8 * length
+    per_example = n * top * (4 + 8) + layers * n * dims.hidden * dtype_size + 8 * length
     if examples is None:
         return 0, f"{human(per_example)} per example (set data.limit to count them)"
     hidden = f" + {layers} hidden layer(s)" if layers else ""
@@ -486,16 +528,17 @@ def activations(model: nn.Module, obj_cfg: Mapping, data_cfg: Mapping, tasks: in
     """What backward keeps for one step: every task's batch (their graphs live until backward), each
     ``layers x tokens x (10 H + 4 I)`` plus the logits and the scored logits in fp32; with ``recompute``
     one batch at a time. Without training, one batch forward (the fold check)."""
-    config = model.config
-    h = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
-    i = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * h)
-    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
+    dims = dims_of(model)
+    h, i, layers, width = dims.hidden, dims.mlp, dims.layers, dims.width
     size = next(model.parameters()).element_size()
     batch = int(data_cfg.get("batch_size", 8))
     scored, length = scored_positions(obj_cfg, data_cfg)
-    width = output_width(model)
-    per_batch = batch * length * (layers * (LAYER_ACTIVATIONS_H * h + LAYER_ACTIVATIONS_I * i) * size + width * size)
-    per_batch += batch * scored * width * 4 * LOGIT_COPIES
+    config = getattr(model, "config", None)
+    if getattr(config, "image_size", None) and getattr(config, "patch_size", None):  # a ViT: patches + [CLS]
+        scored, length = 1, (config.image_size // config.patch_size) ** 2 + 1
+    logit_rows = 1 if dims.classifier else length
+    per_batch = batch * (length * layers * (LAYER_ACTIVATIONS_H * h + LAYER_ACTIVATIONS_I * i) + logit_rows * width)
+    per_batch = per_batch * size + batch * scored * width * 4 * LOGIT_COPIES
     if steps <= 0:
         return batch * length * (max(h, i) + width) * size, f"one batch forward without grad ({batch} x {length})"
     live = 1 if recompute else tasks
