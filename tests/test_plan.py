@@ -11,8 +11,6 @@ from __future__ import annotations
 import ctypes
 import json
 import multiprocessing
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -214,21 +212,30 @@ def fake_hub_cache(root: Path, repo: str, config: dict) -> Path:
     return folder
 
 
-def test_a_hub_id_is_planned_offline_from_its_config_alone(tmp_path):
+def test_a_hub_id_is_planned_offline_from_its_config_alone(tmp_path, monkeypatch, capsys):
+    """``python -m adamerge plan`` (its dispatch, in-process) with ``HF_HUB_OFFLINE=1`` and a hub cache that holds
+    the three repos' ``config.json`` and nothing else: any request for weights would fail offline."""
+    import huggingface_hub.constants
+
+    from adamerge.__main__ import main
+
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
               "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
               "num_key_value_heads": 8, "vocab_size": 32000, "dtype": "bfloat16", "tie_word_embeddings": False}
     for repo in ("org/base-7b", "org/math-7b", "org/code-7b"):
         fake_hub_cache(tmp_path / "hub", repo, config)
-    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub"),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = ["pool.base=org/base-7b", "pool.experts.math=org/math-7b", "pool.experts.code=org/code-7b",
-            "pool.tv_dtype=bfloat16", "trainer.accelerator=gpu", "plan.device_memory=80GB"]
-    result = subprocess.run([sys.executable, "-m", "adamerge", "plan", *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "7,241,732,096 parameters in bfloat16" in result.stdout  # Mistral-7B's count, from the config alone
-    summary = result.stdout.strip().splitlines()[-1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(sys, "argv", ["adamerge", "plan", "pool.base=org/base-7b", "pool.experts.math=org/math-7b",
+                                      "pool.experts.code=org/code-7b", "pool.tv_dtype=bfloat16",
+                                      "trainer.accelerator=gpu", "plan.device_memory=80GB"])
+    with pytest.raises(SystemExit) as exit_code:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_code.value.code == 0, err[-2000:]
+    assert "7,241,732,096 parameters in bfloat16" in out  # Mistral-7B's count, from the config alone
+    summary = out.strip().splitlines()[-1]
     # 13.5 GiB base + 27 GiB stacks + 2 x 13.5 GiB merged weights and their gradients + activations > 80 GB
     assert summary.startswith("plan: K=2, bfloat16") and summary.endswith("does NOT fit 74.5 GiB device")
     assert not any(p.suffix in (".safetensors", ".bin") for p in (tmp_path / "hub").rglob("*"))
