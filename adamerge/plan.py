@@ -418,6 +418,10 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
 
     cache, cache_note = teacher_cache(model, obj_cfg, data_cfg, tasks, rows, steps)
     acts, act_note = activations(model, obj_cfg, data_cfg, len(tasks), steps, bool(config.get("recompute")))
+    matrices = {n: tuple(params[n].shape) for n in vector_names if params[n].dim() == 2}
+    if obj_cfg.get("name") == "projected" and steps > 0:
+        acts, act_note = doge_activations(matrices, k, tv_dtype or base_dtype)
+    doge, doge_note = doge_state(obj_cfg, matrices, k, steps)
     ddp = f"{ranks} ranks, each with all of them" if ranks > 1 and not shard else ""
     per_node = devices  # one process per device, each loading its own copy (host column: per node)
     lines = [
@@ -437,6 +441,7 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
         Line("coefficients + optimizer", coef_bytes, 0,
              f"{k} x {n_coef:,} fp32" + (" + grad + Adam's 2 moments" if steps > 0 else " (no training)")),
         Line("teacher cache", cache, 0, cache_note),
+        *([Line("DOGE deltas, masks, subspaces", doge, 0, doge_note)] if doge else []),
         Line("activations", acts, 0, act_note),
     ]
     objective = str(obj_cfg.get("name", "entropy"))
@@ -544,6 +549,30 @@ def activations(model: nn.Module, obj_cfg: Mapping, data_cfg: Mapping, tasks: in
     live = 1 if recompute else tasks
     return live * per_batch, (f"{live} batch(es) of {batch} x {length} tokens, {layers} layers "
                               + ("(recompute)" if recompute else "alive until backward"))
+
+
+def doge_state(obj_cfg: Mapping, matrices: Mapping[str, tuple[int, int]], k: int, steps: int) -> tuple[int, str]:
+    """``objective=projected`` (DOGE, ``objectives/projected.py``): per merged matrix a trainable fp32 delta (with
+    its gradient and Adam's two moments), a bool mask per expert (``mask_density``) and the SVD basis of the
+    shared subspace (its whole ``U``, which the kept columns view)."""
+    if obj_cfg.get("name") != "projected" or steps <= 0:
+        return 0, ""
+    numel = sum(rows * cols for rows, cols in matrices.values())
+    masks = k * numel if obj_cfg.get("mask_density") is not None else 0
+    bases = sum(4 * rows * min(rows, k * max(min(rows, cols) // k, 1)) for rows, cols in matrices.values())
+    return 4 * (2 + OPTIMIZER_STATES) * numel + masks + bases, (
+        f"{len(matrices)} matrices: fp32 delta + grad + Adam's 2 moments" + (", K bool masks" if masks else "")
+        + ", shared-subspace bases")
+
+
+def doge_activations(matrices: Mapping[str, tuple[int, int]], k: int, tv_dtype: torch.dtype) -> tuple[int, str]:
+    """DOGE's loss runs no model. Only the deltas need gradients, so backward keeps just ``(K, rows)`` per
+    matrix; the forward's fp32 ``(K, rows, cols)`` temporaries (adjusted stack, gap, the fp32 copy of a
+    reduced-precision stack) exist for one matrix at a time."""
+    copies = 2 if tv_dtype == torch.float32 else 3
+    kept = sum(4 * k * rows for rows, _ in matrices.values())
+    largest = max((rows * cols for rows, cols in matrices.values()), default=0)
+    return kept + copies * 4 * k * largest, f"(K, rows) per matrix + {copies} fp32 stacks of the largest (no model)"
 
 
 def plan_line(config: Mapping, rows: Mapping[str, Sequence] | None = None, base: nn.Module | None = None) -> str:

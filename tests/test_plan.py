@@ -255,3 +255,19 @@ def test_slurm_launcher_follows_the_trainer():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
     assert launcher.partition == "gpu"
+
+
+def test_doge_state_equals_what_the_objective_holds():
+    from adamerge.merged import MergedModel
+    from adamerge.objectives import Projected
+    from adamerge.run import build_pool, raw_task_vectors
+
+    config = compose_config(zoo_overrides("experts", "method=doge", "trainer.max_steps=1"))
+    pool = build_pool(config["pool"])
+    merged = MergedModel(pool.base, raw_task_vectors(pool, config["pool"]), build_granularity(config["granularity"])[0])
+    objective = Projected(**{k: v for k, v in config["objective"].items() if k != "name"})
+    objective.setup(merged, None)
+    deltas = 4 * (2 + 2) * sum(d.numel() for d in objective.deltas.values())  # value, grad, Adam's 2 moments
+    held = deltas + stored_bytes([*objective.masks.values(), *objective.bases.values()])
+    line = next(x for x in make_plan(config).lines if x.component.startswith("DOGE"))
+    assert line.device == held
