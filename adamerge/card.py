@@ -42,10 +42,11 @@ PAPERS = {
     "PCB-Merging": "https://arxiv.org/abs/2410.02396",
     "Model Stock": "https://arxiv.org/abs/2403.19522",
     "LiNeS": "https://arxiv.org/abs/2410.17146",
+    "SLERP": "https://arxiv.org/abs/2403.13257",
 }
 STATIC_PREPROCESSING = {"ties": "TIES-Merging", "dare": "DARE", "della": "DELLA", "breadcrumbs": "Model Breadcrumbs",
                         "tsv": "TSV-M", "iso_c": "ISO-C", "iso_cts": "ISO-CTS", "consensus": "Consensus merging",
-                        "star": "STAR", "pcb": "PCB-Merging", "model_stock": "Model Stock"}
+                        "star": "STAR", "pcb": "PCB-Merging", "model_stock": "Model Stock", "slerp": "SLERP"}
 
 
 def hub_id(base: str | None) -> str | None:

@@ -225,7 +225,8 @@ class ExpertPool:
         infos = {i.name: i for i in self.tensor_infos()}
         return TaskVectors(self.expert_names, infos, {n: stacks[n] for n in self.merged_names if n in stacks},
                            heads, dict(self.expert_configs) if heads else {},
-                           factors={n: stack_factors(parts[n], k_total) for n in self.merged_names if n in parts})
+                           factors={n: stack_factors(parts[n], k_total) for n in self.merged_names if n in parts},
+                           base={n: base[n].detach() for n in self.merged_names})
 
     def _check_matches_base(self, expert: str, params: Mapping[str, torch.Tensor]) -> None:
         base = dict(self.base.named_parameters())

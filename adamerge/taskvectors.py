@@ -69,7 +69,8 @@ class TaskVectors:
 
     ``factors[name]`` holds a tensor's task vectors as LoRA factors instead (never both). A merged
     tensor in neither has zero task vectors and is not merged. ``offloaded``: the stacks stay in
-    host memory and are streamed to the compute device per tensor (``pool.offload=cpu``).
+    host memory and are streamed to the compute device per tensor (``pool.offload=cpu``). ``base``:
+    W0 of each merged tensor (the base's own parameters, no copy), for transforms that need weights (SLERP).
     """
 
     experts: list[str]
@@ -79,6 +80,7 @@ class TaskVectors:
     head_configs: dict[str, object] = field(default_factory=dict)  # expert -> its config (label names)
     factors: dict[str, LoraFactors] = field(default_factory=dict)
     offloaded: bool = False
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_experts(self) -> int:
@@ -373,6 +375,32 @@ def consensus(stack: torch.Tensor, raw: torch.Tensor, min_agree: int = 2, tall_l
     return torch.where(keep, stack, torch.zeros_like(stack))
 
 
+def slerp(stack: torch.Tensor, w0: torch.Tensor, t: float = 0.5, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> torch.Tensor:
+    """SLERP of two experts' weights, as mergekit defines it (arXiv 2403.13257; github.com/arcee-ai/mergekit,
+    mergekit/merge_methods/slerp.py ``slerp``): ``W = a W_A + b W_B`` per tensor with
+    ``a = sin((1 - t) theta) / sin(theta)``, ``b = sin(t theta) / sin(theta)``, theta the angle between the
+    two weight tensors (norms below ``eps`` taken as 1), linear interpolation where ``|cos| > 0.9995``;
+    fp32. Expert 0 is mergekit's ``base_model`` (``t = 0`` gives it). As task vectors
+    ``W - W0 = a tau_A + b tau_B + (a + b - 1) W0``: piece k is its own term plus half of the last one,
+    so coefficients 1 give the SLERP."""
+    if stack.shape[0] != 2:
+        raise AdamergeError(f"slerp merges exactly two experts, got {stack.shape[0]}")
+    base = w0.to(device=stack.device, dtype=torch.float32).flatten()
+    a, b = (base + stack[k].flatten().float() for k in range(2))
+    norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    dot = ((a / torch.where(norm_a > eps, norm_a, 1.0)) * (b / torch.where(norm_b > eps, norm_b, 1.0))).sum()
+    dot = dot.clamp(-1.0, 1.0)
+    if dot.abs() > dot_threshold:
+        coef_a, coef_b = torch.tensor(1.0 - t), torch.tensor(float(t))
+    else:
+        theta = torch.acos(dot)
+        coef_a, coef_b = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
+    shared = (coef_a + coef_b - 1) / 2 * base
+    pieces = torch.stack([coef_a * stack[0].flatten().float() + shared, coef_b * stack[1].flatten().float() + shared])
+    return pieces.view_as(stack).to(stack.dtype)
+
+
 def min_max(x: torch.Tensor) -> torch.Tensor:
     """Each row scaled to [0, 1] by its min and max (PCB's ``normalize(x, dim=1)``); a constant row is 0
     (an expert that left a tensor unchanged), where that code divides by zero."""
@@ -427,14 +455,15 @@ def model_stock(stack: torch.Tensor) -> torch.Tensor:
     return (stack.float() * ratio / k).to(stack.dtype)
 
 
-# transforms across experts, per tensor: (options, processed stack, raw stack) -> stack
-TRANSFORMS: dict[str, Callable[[Preprocess, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "tsv": lambda spec, stack, raw: SPECTRAL["tsv"](stack),
-    "iso_c": lambda spec, stack, raw: SPECTRAL["iso_c"](stack),
-    "iso_cts": lambda spec, stack, raw: SPECTRAL["iso_cts"](stack, common_fraction=spec.common_fraction),
-    "consensus": lambda spec, stack, raw: consensus(stack, raw, spec.min_agree, spec.tall_lambda),
-    "star": lambda spec, stack, raw: SPECTRAL["star"](stack, spec.eta),
-    "model_stock": lambda spec, stack, raw: model_stock(stack),
+# transforms across experts, per tensor: (options, processed stack, raw stack, W0 or None) -> stack
+TRANSFORMS: dict[str, Callable[[Preprocess, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
+    "tsv": lambda spec, stack, raw, w0: SPECTRAL["tsv"](stack),
+    "iso_c": lambda spec, stack, raw, w0: SPECTRAL["iso_c"](stack),
+    "iso_cts": lambda spec, stack, raw, w0: SPECTRAL["iso_cts"](stack, common_fraction=spec.common_fraction),
+    "consensus": lambda spec, stack, raw, w0: consensus(stack, raw, spec.min_agree, spec.tall_lambda),
+    "star": lambda spec, stack, raw, w0: SPECTRAL["star"](stack, spec.eta),
+    "model_stock": lambda spec, stack, raw, w0: model_stock(stack),
+    "slerp": lambda spec, stack, raw, w0: slerp(stack, w0, spec.slerp_t),
 }
 # transforms over each expert's slice that also run on the whole flattened model (``scope=model``)
 SLICE_TRANSFORMS = {"pcb": lambda spec, stack: pcb(stack, spec.pcb_ratio)}
@@ -466,6 +495,7 @@ class Preprocess:
     common_fraction: float = 0.8
     eta: float = 40.0
     pcb_ratio: float = 0.05
+    slerp_t: float = 0.5
     min_agree: int = 2
     tall_lambda: float = 0.6
     then: str | Sequence[str] | None = None
@@ -479,7 +509,7 @@ class Preprocess:
             raise AdamergeError(f"pool.preprocess.then={unknown[0]!r}; choose from {', '.join(TRANSFORMS)}")
         if self.scope == "model" and self.method in TRANSFORMS:
             raise AdamergeError(f"pool.preprocess.scope=model: {self.method} works per tensor")
-        for name, low, high in (("common_fraction", 0, 1), ("pcb_ratio", 0, 1), ("eta", 0, 100),
+        for name, low, high in (("common_fraction", 0, 1), ("pcb_ratio", 0, 1), ("eta", 0, 100), ("slerp_t", 0, 1),
                                 ("tall_lambda", 0, math.inf), ("min_agree", 0, math.inf)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
@@ -567,10 +597,18 @@ def preprocess(tv: TaskVectors, method: str | None = None, seed: int = 0, **opti
     if spec.method == "none" and not spec.steps:
         return tv
     dense = tv.densified("preprocessing works on dense values")
+    check_base(spec, dense)
     stacks = first_step(spec, dense, seed)
     for step in spec.steps:  # the raw task vectors stay beside the processed ones while these run
-        stacks = {n: TRANSFORMS[step](spec, s, dense.stacks[n]) for n, s in stacks.items()}
+        stacks = {n: TRANSFORMS[step](spec, s, dense.stacks[n], dense.base.get(n)) for n, s in stacks.items()}
     return replace(dense, stacks=stacks)
+
+
+def check_base(spec: Preprocess, tv: TaskVectors) -> None:
+    """SLERP reads the base's weights, which task vectors built outside an ``ExpertPool`` may lack."""
+    if "slerp" in (spec.method, *spec.steps) and any(n not in tv.base for n in tv.stacks):
+        raise AdamergeError("pool.preprocess slerp needs the base's weights: task vectors from "
+                            "ExpertPool.task_vectors")
 
 
 def first_step(spec: Preprocess, dense: TaskVectors, seed: int) -> dict[str, torch.Tensor]:
@@ -579,7 +617,7 @@ def first_step(spec: Preprocess, dense: TaskVectors, seed: int) -> dict[str, tor
     if spec.method == "none":
         return dict(dense.stacks)
     if spec.method in TRANSFORMS:
-        return {n: TRANSFORMS[spec.method](spec, s, s) for n, s in dense.stacks.items()}
+        return {n: TRANSFORMS[spec.method](spec, s, s, dense.base.get(n)) for n, s in dense.stacks.items()}
     weights = spec.expert_weights(dense.experts)
     if spec.convention == "mergekit" and spec.elects_signs and not bool(weights.any()):
         raise AdamergeError("pool.preprocess.weights are all 0 (they default to granularity.init): mergekit's sign "

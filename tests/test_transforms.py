@@ -5,10 +5,12 @@ References: TSV-M github.com/AntoAndGar/task_singular_vectors src/utils/TSVM_uti
 ``compute_and_sum_svd_mem_reduction``; ISO-C / ISO-CTS github.com/danielm1405/iso-merging
 src/utils/iso.py; Consensus src/utils/tallmask_utils.py of the same repository; STAR github.com/IBM/STAR
 merger/STAR.py; PCB github.com/duguodong7/pcb-merging pcb-merging.py; Model Stock FusionBench's
-fusion_bench/method/model_stock/model_stock.py.
+fusion_bench/method/model_stock/model_stock.py; SLERP mergekit/merge_methods/slerp.py.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from omegaconf import OmegaConf
 
 from adamerge import AdamergeError
 from adamerge.spectral import iso_c, iso_cts, star, tsv
-from adamerge.taskvectors import consensus, model_stock, pcb, preprocess
+from adamerge.taskvectors import consensus, model_stock, pcb, preprocess, slerp
 
 K = 3
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -180,6 +182,28 @@ def test_consensus_keeps_entries_enough_tall_masks_need(min_agree):
             assert torch.equal(out[:, i, j], expected)
 
 
+def slerp_reference(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """mergekit's ``slerp`` for one tensor (normalized copies, arccos, linear when nearly collinear)."""
+    n0, n1 = v0.norm(), v1.norm()
+    dot = ((v0 / (n0 if n0 > 1e-8 else 1)) * (v1 / (n1 if n1 > 1e-8 else 1))).sum().clamp(-1, 1)
+    if dot.abs() > 0.9995:
+        return (1 - t) * v0 + t * v1
+    theta = torch.acos(dot)
+    return torch.sin((1 - t) * theta) / torch.sin(theta) * v0 + torch.sin(t * theta) / torch.sin(theta) * v1
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_slerp_is_mergekits_interpolation_of_the_two_experts(t):
+    w0 = torch.randn(6, 4, generator=torch.Generator().manual_seed(4))
+    stack = 0.7 * stack_of(k=2, m=6, n=4)
+    merged = w0 + slerp(stack, w0, t).sum(0)
+    torch.testing.assert_close(merged, slerp_reference(t, w0 + stack[0], w0 + stack[1]), **TOL)
+    collinear = torch.stack([w0, 2 * w0])  # W_A = 2 W0, W_B = 3 W0: linear interpolation
+    torch.testing.assert_close(w0 + slerp(collinear, w0, t).sum(0), (1 - t) * 2 * w0 + t * 3 * w0, **TOL)
+    with pytest.raises(AdamergeError, match="exactly two experts"):
+        slerp(stack_of(), w0, t)
+
+
 # ---- LiNeS: a per-layer start of the coefficients ---------------------------------------------------
 
 
@@ -218,6 +242,12 @@ def test_preprocess_chains_consensus_after_ties(llama_family):
     torch.testing.assert_close(torch.cat([whole.stacks[n].flatten(1) for n in tv.names], 1), pcb(flat, 0.1))
     stock = preprocess(tv, "model_stock")
     assert torch.equal(stock.stacks[name], model_stock(tv.stacks[name]))
+    two = replace(tv, experts=tv.experts[:2], stacks={n: s[:2] for n, s in tv.stacks.items()})
+    w0 = tv.base[name]
+    torch.testing.assert_close(w0 + preprocess(two, "slerp", slerp_t=0.3).stacks[name].sum(0),
+                               slerp_reference(0.3, w0 + two.stacks[name][0], w0 + two.stacks[name][1]), **TOL)
+    with pytest.raises(AdamergeError, match="needs the base's weights"):
+        preprocess(replace(two, base={}), "slerp")
     with pytest.raises(AdamergeError, match="then='bogus'"):
         preprocess(tv, "ties", then=["consensus", "bogus"])
     with pytest.raises(AdamergeError, match="scope=model"):
