@@ -1,4 +1,4 @@
-"""Task-vector transforms next to FusionBench's implementations, on the same tiny task vectors.
+"""Task-vector transforms next to FusionBench's and mergekit's implementations, on the same tiny task vectors.
 
 adamerge's side (this venv) builds the task vectors of a tiny Llama and a tiny GPT-2 (Conv1D, tied
 embeddings) with three seeded experts (tests/conftest.py), saves each expert's task vectors as
@@ -7,10 +7,12 @@ torch, safetensors and fusion_bench, never adamerge). FusionBench merges them wi
 TSV-M (``task_singular_vector/utils/TSVM_utils.compute_and_sum_svd_mem_reduction``), ISO-C and ISO-CTS
 (``isotropic_merging/iso_utils.iso_c`` / ``iso_cts``, common fraction 0.8) and Model Stock's ratio
 (``model_stock/model_stock.compute_angle`` + ``compute_ratio``, the mean pairwise angle for K = 3).
+mergekit (its own interpreter) merges the first two experts with ``merge_methods/slerp.slerp`` at t = 0.3.
 adamerge's merged task vector is the sum of the pieces ``pool.preprocess`` makes (coefficients 1).
 It prints the max abs difference per method next to the largest merged entry.
 
-    .venv/bin/python benchmarks/peer_transforms.py --fusionbench benchmarks/.venv-fusionbench/bin/python
+    .venv/bin/python benchmarks/peer_transforms.py --fusionbench benchmarks/.venv-fusionbench/bin/python \
+        --mergekit benchmarks/.venv-mergekit/bin/python
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("tsv", "iso_c", "iso_cts", "model_stock")
+SLERP_T = 0.3
 
 
 def run_fusionbench(job: dict) -> None:
@@ -52,7 +56,17 @@ def run_fusionbench(job: dict) -> None:
         save_file({n: v.contiguous() for n, v in tensors.items()}, job["out"][method])
 
 
-def adamerge_rows(root: Path, fusionbench: Path) -> list[tuple]:
+def run_mergekit(job: dict) -> None:
+    from mergekit.merge_methods.slerp import slerp
+    from safetensors.torch import load_file, save_file
+
+    base, a, b = (load_file(f) for f in (job["base"], *job["experts"][:2]))
+    t = torch.tensor([SLERP_T])
+    save_file({n: (slerp(t, (base[n] + a[n])[None], (base[n] + b[n])[None])[0] - base[n]).contiguous() for n in a},
+              job["out"]["slerp"])
+
+
+def adamerge_rows(root: Path, fusionbench: Path, mergekit: Path) -> list[tuple]:
     sys.path.insert(0, str(HERE.parent / "tests"))
     from conftest import make_family
     from safetensors.torch import load_file, save_file
@@ -66,12 +80,20 @@ def adamerge_rows(root: Path, fusionbench: Path) -> list[tuple]:
         for k, expert in enumerate(tv.experts):
             experts.append(str(root / f"{family}-{expert}.safetensors"))
             save_file({n: tv.stacks[n][k].contiguous() for n in tv.names}, experts[-1])
-        job = {"experts": experts, "out": {m: str(root / f"{family}-fb-{m}.safetensors") for m in METHODS}}
+        save_file({n: tv.base[n].contiguous() for n in tv.names}, str(root / f"{family}-base.safetensors"))
+        methods = {m: fusionbench for m in METHODS if fusionbench.exists()}
+        methods.update({"slerp": mergekit} if mergekit.exists() else {})
+        job = {"experts": experts, "base": str(root / f"{family}-base.safetensors"),
+               "out": {m: str(root / f"{family}-peer-{m}.safetensors") for m in methods}}
         (root / "job.json").write_text(json.dumps(job))
-        subprocess.run([str(fusionbench), __file__, "--peer", str(root / "job.json")], check=True)
-        for method in METHODS:
+        for peer in set(methods.values()):
+            kind = "mergekit" if peer == mergekit else "fusionbench"
+            subprocess.run([str(peer), __file__, "--peer", kind, str(root / "job.json")], check=True)
+        two = replace(tv, experts=tv.experts[:2], stacks={n: s[:2] for n, s in tv.stacks.items()})
+        for method in methods:
             theirs = load_file(job["out"][method])
-            ours = {n: s.sum(0) for n, s in preprocess(tv, method).stacks.items()}
+            ours = {n: s.sum(0) for n, s in (preprocess(two, "slerp", slerp_t=SLERP_T) if method == "slerp"
+                                             else preprocess(tv, method)).stacks.items()}
             diff = max((ours[n] - theirs[n]).abs().max().item() for n in ours)
             rows.append((family, method, diff, max(v.abs().max().item() for v in theirs.values()), len(ours)))
     return rows
@@ -80,17 +102,18 @@ def adamerge_rows(root: Path, fusionbench: Path) -> list[tuple]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fusionbench", type=Path, default=HERE / ".venv-fusionbench" / "bin" / "python")
-    parser.add_argument("--peer", help=argparse.SUPPRESS)
+    parser.add_argument("--mergekit", type=Path, default=HERE / ".venv-mergekit" / "bin" / "python")
+    parser.add_argument("--peer", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.peer:
-        run_fusionbench(json.loads(Path(args.peer).read_text()))
+        job = json.loads(Path(args.peer[1]).read_text())
+        (run_mergekit if args.peer[0] == "mergekit" else run_fusionbench)(job)
         return
-    if not args.fusionbench.exists():
-        print(f"skipped: no {args.fusionbench}")
-        return
+    for missing in (p for p in (args.fusionbench, args.mergekit) if not p.exists()):
+        print(f"skipped: no {missing}")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = adamerge_rows(Path(tmp), args.fusionbench)
+        rows = adamerge_rows(Path(tmp), args.fusionbench, args.mergekit)
     print("| family | method | max abs diff | max abs merged entry | tensors |")
     print("|---|---|---|---|---|")
     for family, method, diff, scale, n in rows:
