@@ -47,7 +47,8 @@ LORA_LAYERS = {"Linear", "Embedding", "Conv1D"}  # what adamerge keeps as factor
 OPTIMIZER_STATES = 2  # Adam/AdamW: exp_avg and exp_avg_sq per coefficient
 # Tensors that backward keeps per layer and token of a decoder layer, in units of the hidden size H and the
 # MLP width I: attention inputs/outputs, norms and residuals ~10 H, a gated MLP's gate, up, act, product ~4 I.
-# Checked against the saved tensors of a real step in tests/test_plan.py.
+# Estimate / saved tensors of one step (eval mode, batch 4 x 64 tokens): Llama 1.01, GPT-2 0.89, BERT 1.55;
+# the zoo's step within a factor of 2 in tests/test_plan.py. Dropout masks (train-mode objectives) are extra.
 LAYER_ACTIVATIONS_H, LAYER_ACTIVATIONS_I = 10, 4
 LOGIT_COPIES = 3  # the scored logits in fp32: log_softmax, its exp, the product (entropy / KL)
 
