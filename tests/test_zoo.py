@@ -219,7 +219,16 @@ def test_builder_command_builds_into_out_and_reports_bad_input(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_default_zoo_meets_its_quality_bars(tmp_path):
-    torch.set_num_threads(2)
+def test_default_zoo_meets_its_quality_bars_and_rebuilds_the_shipped_one(tmp_path):
+    """On the kernel path, torch and thread count the shipped zoo was built with, a rebuild gives its
+    very bytes (all but ``zoo.json``, which holds the build's timing)."""
+    shipped = json.loads((build.SHIPPED / build.MARKER).read_text())["built_with"]
+    torch.set_num_threads(shipped["threads"])
     zoo = build_zoo(tmp_path / "zoo", verbose=False)
     assert all(zoo.report["checks"].values()), format_report(zoo.report)
+    if json.loads((zoo.root / build.MARKER).read_text())["built_with"] == shipped:
+        assert digests_but_marker(zoo.root) == digests_but_marker(build.SHIPPED)
+
+
+def digests_but_marker(root: Path) -> list[str]:
+    return [line for line in (root / build.MANIFEST).read_text().splitlines() if not line.endswith(build.MARKER)]
