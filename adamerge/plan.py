@@ -395,7 +395,8 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
     if offload:
         on_device_stacks = 0 if accelerator == "cpu" else 2 * k * tv_size * max(
             (params[n].numel() for n in dense), default=0)
-    host_stacks = stack_bytes // split if offload or not pool_cfg.get("device") or pool_cfg["device"] == "cpu" else 0
+    built_on_host = not pool_cfg.get("device") or pool_cfg["device"] == "cpu"  # pool.device: where they are built
+    host_stacks = stack_bytes // split if offload or built_on_host else 0
     expert_bytes = base_bytes  # a full expert, or a LoRA adapter on a private copy of the base
     device_base = (base_bytes - merged_bytes + merged_bytes // split) + buffer_bytes
     if shard:
@@ -431,7 +432,7 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
              f"{sum(p.numel() for p in params.values()):,} parameters in {str(base_dtype).replace('torch.', '')}"
              + (f"; merged tensors sharded 1/{split}" if shard else "")),
         Line("task vectors", on_device_stacks + factor_bytes,
-             per_node * (host_stacks + (factor_bytes if accelerator == "cpu" else 0)),
+             per_node * (host_stacks + (factor_bytes if built_on_host else 0)),
              stack_note(dense, factors, ranks_of, k, tv_dtype or base_dtype, offload, accelerator, shard, split, ddp)),
         Line("one expert while loading", 0, per_node * expert_bytes, "experts are read one at a time, then dropped"),
         Line("merged weights", merged_device + gradients + temporary, 0,
@@ -467,10 +468,11 @@ def stack_note(dense: Mapping[str, int], factors: Mapping[str, int], ranks_of: M
                dtype: torch.dtype, offload: bool, accelerator: str, shard: bool, split: int, ddp: str) -> str:
     parts = [f"{len(dense)} stacks of K={k} in {str(dtype)[6:]}"] if dense else []
     if factors:
-        parts.append(f"{len(factors)} LoRA tensors as factors (ranks {min(ranks_of.values())}-"
-                     f"{max(ranks_of.values())} summed over experts)")
-    if offload:
-        parts.append("host memory, streamed" + ("" if accelerator == "cpu" else " (2 stacks in transit)"))
+        low, high = min(ranks_of.values()), max(ranks_of.values())
+        parts.append(f"{len(factors)} LoRA tensors as factors (rank {low if low == high else f'{low}-{high}'} "
+                     "summed over experts)")
+    if offload and dense:  # LoRA factors stay on the device
+        parts.append("stacks in host memory, streamed" + ("" if accelerator == "cpu" else " (2 stacks in transit)"))
     if shard:
         parts.append(f"1/{split} per rank")
     if ddp:
