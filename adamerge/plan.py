@@ -10,11 +10,15 @@ every figure follows the memory model of docs/ARCHITECTURE.md:
   accelerator); ``pool.shard=true`` divides them by the number of ranks;
 - one expert while loading (host): the task vectors are built one expert at a time;
 - merged weights: every merged tensor in the base's dtype, alive for the step (the fold's copy after it),
-  plus the largest merge temporary;
+  their gradients in backward when a step has several tasks (each task's graph uses every weight), plus
+  the largest merge temporary;
 - coefficients: ``K x n`` fp32 with their gradient and Adam's two moments when training;
 - teacher cache (``objective=align|dam`` with ``teacher=cached``): per scored position ``top_k`` fp32
   log-probabilities and int64 ids, the chosen hidden states, and the row's token ids (an upper bound);
-- activations: what backward keeps for every task's batch of a step (all tasks' graphs live until backward).
+- activations: what backward keeps for every task's batch of a step (all tasks' graphs live until backward);
+- DOGE (``objective=projected``): its fp32 deltas with Adam's state, masks and subspace bases.
+
+A CLIP zero-shot pool (``pool.zeroshot``) is planned as the vision classifier the run merges.
 
 On a CPU run the device is the host: the peak is the larger of loading and training.
 """
@@ -22,7 +26,6 @@ On a CPU run the device is the host: the peak is the larger of loading and train
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 import sys
@@ -38,8 +41,6 @@ from adamerge.errors import AdamergeError
 from adamerge.granularity import GRANULARITIES, Block, Granularity
 from adamerge.options import construct, parse_dtype, parse_offload
 from adamerge.pool import DEFAULT_HEADS, TensorInfo, describe_tensor, is_adapter, is_local, resolve_auto_class
-
-log = logging.getLogger(__name__)
 
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
