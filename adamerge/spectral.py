@@ -92,9 +92,11 @@ def iso_c(stack: torch.Tensor) -> torch.Tensor:
 
 
 def common_size(rank: int, k: int, fraction: float) -> int:
-    """ISO-CTS' common subspace: ``fraction`` of the rank, moved so that the rest splits evenly over K."""
+    """ISO-CTS' common subspace: ``fraction`` of the rank, moved so that the rest splits evenly over K
+    (the code rounds the task slots per task; capped here at ``rank // K``, where the code's common size
+    would turn negative and slice from the end)."""
     common = int(rank * fraction)
-    return rank - round((rank - common) / k) * k
+    return rank - min(round((rank - common) / k), rank // k) * k
 
 
 @per_matrix
@@ -116,10 +118,8 @@ def iso_cts(stack: torch.Tensor, common_fraction: float = 0.8) -> torch.Tensor:
     s_cat = torch.cat([s_t[:, :per_task].reshape(-1), s_c])
     owner = torch.cat([torch.arange(k, device=stack.device).repeat_interleave(per_task),
                        torch.full((common,), -1, device=stack.device)])
-    flat = torch.full_like(s_cat, s_cat.mean().item())  # K * per_task + common = r slots
+    flat = s_cat.mean().expand_as(s_cat)  # K * per_task + common = r slots
     return block_pieces(nearest_orthogonal(u_cat), flat, nearest_orthogonal(vh_cat.T).T, owner, k)
-
-
 
 
 def star(stack: torch.Tensor, eta: float = 40.0) -> torch.Tensor:

@@ -96,6 +96,14 @@ def test_iso_merges_are_isotropic():
     assert (s > 1e-4).sum() == 1  # the flat spectrum stays within the sum's support
 
 
+def test_iso_cts_subspace_sizes():
+    from adamerge.spectral import common_size
+
+    assert [common_size(32, 3, 0.8), common_size(8, 3, 0.8), common_size(5, 3, 0.0)] == [26, 5, 2]
+    s = torch.linalg.svdvals(iso_cts(stack_of(m=5, n=5), common_fraction=0.0).sum(0))
+    torch.testing.assert_close(s, s.mean().expand_as(s), **TOL)
+
+
 def test_non_matrices_take_the_mean():
     vectors = torch.randn(K, 7)
     for transform in (tsv, iso_c, iso_cts):
