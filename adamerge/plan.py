@@ -93,6 +93,8 @@ def meta_base(pool_cfg: Mapping) -> nn.Module:
         return source
     if not isinstance(source, (str, Path)) or not source:
         raise AdamergeError("pool.base is not set: pool.base=DIR_OR_HUB_ID")
+    if is_local(source) and not Path(str(source)).expanduser().exists():
+        raise AdamergeError(f"base: path {str(source)!r} does not exist")
     trust = bool(pool_cfg.get("trust_remote_code"))
     config = base_config(source, trust)
     dtype = parse_dtype(pool_cfg.get("dtype"), "pool.dtype") or config_dtype(config)

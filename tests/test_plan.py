@@ -48,6 +48,11 @@ def test_sizes_parse_in_decimal_and_binary_units():
         parse_size("80 parsecs")
 
 
+def test_a_missing_base_is_one_line_before_anything_loads(tmp_path):
+    with pytest.raises(AdamergeError, match="base: path .* does not exist"):
+        make_plan({"pool": {"base": str(tmp_path / "nowhere"), "experts": {"a": str(tmp_path / "a")}}})
+
+
 @pytest.mark.parametrize("kind, extra", [
     ("experts", ["granularity=layer"]),
     ("experts", ["granularity=chunk", "granularity.chunks={model*:4,lm*:4}", "pool.tv_dtype=bfloat16"]),
