@@ -1,9 +1,9 @@
 """``adamerge plan``: its figures against what a run really holds.
 
 Exact where the plan counts tensors (the base, the task-vector stacks and LoRA factors, the coefficients, a
-cached teacher whose rows are all cut to ``max_length``); within a stated factor where it estimates (what
-backward keeps for a step; the peak RSS growth of a whole run in a fresh fork). A hub id is planned offline
-from a cache that holds nothing but its ``config.json``.
+cached teacher whose rows are all cut to ``max_length``, DOGE's state); within a stated factor where it
+estimates (what backward keeps for a step; the peak RSS growth of a whole run in a fresh fork). A hub id is
+planned offline from a cache that holds nothing but its ``config.json``. The SLURM launcher composes.
 """
 
 from __future__ import annotations
