@@ -201,10 +201,14 @@ def check_finite(model: nn.Module, coefficients: Mapping[str, torch.Tensor], tar
                                 f"output_dir={str(target)!r}")
 
 
-def copy_tokenizer(base_source: str | Path, into: Path, trust_remote_code: bool = False) -> bool:
-    """Save the base's tokenizer beside the weights; a base without one is logged, not an error."""
+def copy_tokenizer(base_source: str | Path, into: Path, trust_remote_code: bool = False, tokenizer=None) -> bool:
+    """Save ``tokenizer`` (the merged vocabulary where experts added tokens, ``adamerge/vocab.py``) or else the
+    base's beside the weights; a base without one is logged, not an error."""
     from transformers import AutoTokenizer
 
+    if tokenizer is not None:
+        tokenizer.save_pretrained(into)
+        return True
     try:
         AutoTokenizer.from_pretrained(str(base_source), trust_remote_code=trust_remote_code).save_pretrained(into)
         return True
@@ -232,6 +236,7 @@ def save_folded(
     record: Mapping[str, Any] | None = None,
     weights: Callable[[Path], None] | None = None,
     card: Mapping[str, Any] | None = None,
+    tokenizer=None,
 ) -> Path:
     """Write the folded checkpoint atomically and return its path.
 
@@ -240,7 +245,8 @@ def save_folded(
     (role -> path) are inputs ``output_dir`` must not be or contain (see ``check_output_dir``);
     ``record`` goes under the marker key of ``adamerge_config.yaml`` (card details, input fingerprints).
     ``weights(tmp_dir)`` writes the weights instead of ``model.save_pretrained`` (a LoRA adapter of the
-    merge, ``lora_output.py``); ``card`` holds more keyword arguments of ``card.model_card``.
+    merge, ``lora_output.py``); ``card`` holds more keyword arguments of ``card.model_card``; ``tokenizer``
+    is written instead of the base's (experts' added tokens).
     Non-finite weights or coefficients are refused: nothing is written.
     """
     target = check_output_dir(output_dir, overwrite, protected)
@@ -257,7 +263,7 @@ def save_folded(
         else:
             weights(tmp)
         if base_source is not None:
-            copy_tokenizer(base_source, tmp, trust_remote_code)
+            copy_tokenizer(base_source, tmp, trust_remote_code, tokenizer)
         if coefficients is not None:
             save_coefficients(tmp / COEFFICIENTS_FILE, coefficients, coefficient_metadata or {})
         marker = {"format": 1, "details": card_details, **(record or {})}

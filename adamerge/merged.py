@@ -169,6 +169,7 @@ class MergedModel(nn.Module):
             for name, value in head.items():
                 self.heads[_key(expert)].register_buffer(_key(name), value, persistent=False)
         self.head_configs = dict(task_vectors.head_configs)
+        self.added = task_vectors.added  # rows of tokens the experts added: constants written by fold (vocab.py)
         self._expert: int | None = None  # teacher mode: exactly this expert
         self._task: int | None = None  # whose head answers (classifiers)
         self._shared: dict[str, torch.Tensor] | None = None  # one step's merge, reused by every task (merge_once)
@@ -284,7 +285,8 @@ class MergedModel(nn.Module):
 
         With per-task heads and ``task`` given, the model has that expert's config (label names)
         and head; without ``task`` it keeps the base's head (use ``.base_model`` for the backbone).
-        Each merged tensor is written into the copy in place, one at a time (``fold_tensor_``).
+        Each merged tensor is written into the copy in place, one at a time (``fold_tensor_``). Where experts
+        added tokens, the model then grows to the merged vocabulary (``AddedRows.extend``).
         """
         if task is not None and len(self.heads):
             with self.task(task), no_init_weights():  # every weight is loaded next: skip the random init
@@ -306,4 +308,4 @@ class MergedModel(nn.Module):
             fold_tensor_(p, source.to(device=p.device), g.broadcast(name).to(p.device), g.space)
         for name, value in self.head_weights().items():
             params[name].copy_(value)
-        return folded
+        return folded if self.added is None else self.added.extend(folded)

@@ -22,6 +22,7 @@ from torch import nn
 
 from adamerge.errors import AdamergeError
 from adamerge.validate import check_task_names
+from adamerge.vocab import Vocabulary, has_tokenizer_files, vocabulary_tensors
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ Factors = tuple[torch.Tensor, torch.Tensor]  # (left, right): a LoRA delta is le
 # Modules whose weight is stored (in_features, out_features) instead of nn.Linear's (out, in).
 INPUT_FIRST_MODULES = {"Conv1D"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # Task heads of classification models (BERT/RoBERTa/DistilBERT ``classifier``, decoders' ``score``).
 DEFAULT_HEADS = (r"^(classifier|score|pre_classifier)\.",)
 
@@ -95,6 +95,8 @@ class ExpertPool:
         task_model: ``(task, loaded model) -> model`` applied to the base (task ``None``) and to each
             expert as it is loaded, e.g. ``adamerge.zeroshot.ZeroShotTasks`` (CLIP vision tower +
             zero-shot head of that task).
+        tokenizer: the merged vocabulary where experts added tokens (``adamerge/vocab.py``): ``union``,
+            ``base`` or an expert's name.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class ExpertPool:
         dtype: torch.dtype | None = None,
         heads: Sequence[str] | None = None,
         task_model: Callable[[str | None, nn.Module], nn.Module] | None = None,
+        tokenizer: str = "union",
     ) -> None:
         if len(experts) < 1:
             raise AdamergeError("the pool needs at least one expert: set pool.experts.NAME=DIR_OR_ID")
@@ -122,7 +125,9 @@ class ExpertPool:
         self.base_source = base if isinstance(base, (str, Path)) else None
         self.expert_sources = {name: source for name, source in zip(check_task_names(experts), experts.values(),
                                                                      strict=True)}
+        self.vocabulary = Vocabulary(tokenizer, self.expert_names)
         self.check_sources()  # before the base or any expert is loaded
+        self.vocabulary.read(self.base_source, self.expert_sources, trust_remote_code)
         self.base = self._load_model(base, role="base")
         self.base.requires_grad_(False).eval()
         self.task_model = task_model
@@ -132,6 +137,7 @@ class ExpertPool:
             heads = DEFAULT_HEADS if "Classification" in self.auto_class.__name__ else ()
         self.head_names = [n for n, _ in self.base.named_parameters() if any(re.search(rx, n) for rx in heads)]
         self.expert_configs: dict[str, object] = {}
+        self.vocab_names = vocabulary_tensors(self.base)  # rows indexed by token id (embeddings, lm_head)
         self.merged_names = [n for n in self._select(include, exclude) if n not in self.head_names]
         if not self.merged_names:
             raise AdamergeError("no parameter matches pool.include/pool.exclude: nothing to merge")
@@ -139,6 +145,10 @@ class ExpertPool:
     @property
     def expert_names(self) -> list[str]:
         return list(self.expert_sources)
+
+    def vocab_rows(self) -> int:
+        """The base's vocabulary rows (0 for a model without token embeddings)."""
+        return dict(self.base.named_parameters())[self.vocab_names[0]].shape[0] if self.vocab_names else 0
 
     def tensor_infos(self) -> list[TensorInfo]:
         params = dict(self.base.named_parameters())
@@ -173,6 +183,7 @@ class ExpertPool:
             factors = {f"{n}.weight": layers[id(m)] for n, m in model.named_modules() if id(m) in layers}
             params = dict(model.named_parameters())
             self._check_matches_base(name, params)
+            self.vocabulary.keep_rows(name, params, self.vocab_names, self.vocab_rows())
             self.expert_configs[name] = getattr(model, "config", None)
             changed = [n for n in self.merged_names if not (lora and torch.equal(params[n], base[n]))]
             tensors = {n: params[n].detach() for n in (*changed, *self.head_names)}
@@ -226,7 +237,8 @@ class ExpertPool:
         return TaskVectors(self.expert_names, infos, {n: stacks[n] for n in self.merged_names if n in stacks},
                            heads, dict(self.expert_configs) if heads else {},
                            factors={n: stack_factors(parts[n], k_total) for n in self.merged_names if n in parts},
-                           base={n: base[n].detach() for n in self.merged_names})
+                           base={n: base[n].detach() for n in self.merged_names},
+                           added=self.vocabulary.added_rows(self.vocab_rows()))
 
     def _check_matches_base(self, expert: str, params: Mapping[str, torch.Tensor]) -> None:
         base = dict(self.base.named_parameters())
@@ -235,6 +247,8 @@ class ExpertPool:
                 raise AdamergeError(f"expert {expert!r} has no tensor {n!r} that the base has")
             if n in self.head_names:
                 continue  # heads may differ in shape (different label sets)
+            if n in self.vocab_names and params[n].shape[1:] == p.shape[1:] and params[n].shape[0] > p.shape[0]:
+                continue  # added tokens' rows (adamerge/vocab.py)
             if params[n].shape != p.shape:
                 raise AdamergeError(
                     f"expert {expert!r}: tensor {n!r} has shape {tuple(params[n].shape)}, the base {tuple(p.shape)}"
@@ -244,36 +258,6 @@ class ExpertPool:
         extra = next((n for n in params if n not in base), None)
         if extra is not None:
             raise AdamergeError(f"expert {expert!r} has a tensor {extra!r} that the base does not have")
-
-    def check_tokenizers(self, base_tokenizer) -> list[str]:
-        """Warn about local experts that ship a tokenizer whose vocabulary differs from the base's.
-
-        Calibration data is tokenized with the base's tokenizer for every expert, so such an expert
-        sees other token ids than it was trained on. A warning, not an error: many experts ship no
-        tokenizer, and one that only adds tokens also fails the shape check of the embeddings.
-        Returns the names of the experts warned about.
-        """
-        from transformers import AutoTokenizer
-
-        base_vocab, mismatched = base_tokenizer.get_vocab(), []
-        for name, source in self.expert_sources.items():
-            if not isinstance(source, (str, Path)) or not is_local(source):
-                continue
-            path = Path(source).expanduser()
-            if not any((path / f).is_file() for f in TOKENIZER_FILES):
-                continue
-            try:
-                vocab = AutoTokenizer.from_pretrained(str(path), trust_remote_code=self.trust_remote_code).get_vocab()
-            except (OSError, ValueError, KeyError) as e:
-                log.warning("expert %r: its tokenizer could not be read (%s); using the base's", name, e)
-                mismatched.append(name)
-                continue
-            if vocab != base_vocab:
-                log.warning("expert %r: its tokenizer's vocabulary differs from the base's (%d vs %d tokens, %d "
-                            "differ); calibration data is tokenized with the base's", name, len(vocab),
-                            len(base_vocab), len(set(vocab.items()) ^ set(base_vocab.items())))
-                mismatched.append(name)
-        return mismatched
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -292,7 +276,8 @@ class ExpertPool:
     def check_sources(self) -> None:
         """Every local source readable and shaped like the base, from file headers alone (nothing is loaded):
         a missing path, a truncated or inconsistent ``*.safetensors``, a tensor whose shape differs from the
-        base's, an adapter made for another base (a warning)."""
+        base's (more rows only where the expert ships the tokenizer that added them), an adapter made for
+        another base (a warning)."""
         local = {"base": self.base_source} if self.base_source is not None and is_local(self.base_source) else {}
         local.update({f"expert {name!r}": source for name, source in self.expert_sources.items()
                       if isinstance(source, (str, Path)) and is_local(source)})
@@ -300,8 +285,9 @@ class ExpertPool:
         base = headers.pop("base", {})
         for role, tensors in headers.items():
             for name, shape in tensors.items():
-                if name in base and base[name] != shape:
-                    raise AdamergeError(f"{role}: tensor {name!r} has shape {shape}, the base {base[name]}")
+                if name not in base or base[name] == shape or added_rows_allowed(role, local[role], shape, base[name]):
+                    continue
+                raise AdamergeError(f"{role}: tensor {name!r} has shape {shape}, the base {base[name]}")
         for name, source in self.expert_sources.items():
             if is_adapter(source):
                 self._check_adapter_base(Path(source).expanduser(), name)
@@ -375,6 +361,17 @@ class ExpertPool:
             return PeftModel.from_pretrained(copy.deepcopy(self.base), str(path), is_trainable=False)
         except (OSError, ValueError, RuntimeError) as e:
             raise AdamergeError(f"LoRA adapter {str(path)!r} does not fit the base: {e}") from e
+
+
+def added_rows_allowed(role: str, source: str | Path, shape: tuple[int, ...], base: tuple[int, ...]) -> bool:
+    """More rows than the base's, all else equal: an expert that added tokens, if it ships its tokenizer
+    (that these are its embedding and output tensors is checked once it is loaded)."""
+    if shape[1:] != base[1:] or shape[0] <= base[0]:
+        return False
+    if not has_tokenizer_files(Path(source).expanduser()):
+        raise AdamergeError(f"{role}: {shape[0]} rows where the base has {base[0]} (added tokens?): its added "
+                            "tokens need its tokenizer files in its directory")
+    return True
 
 
 def check_finite_expert(expert: str, params: Mapping[str, torch.Tensor], factors: Mapping[str, Factors]) -> None:

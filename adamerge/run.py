@@ -73,6 +73,7 @@ def build_pool(cfg: Mapping) -> ExpertPool:
         include=cfg.get("include") or (), exclude=cfg.get("exclude") or (),
         trust_remote_code=bool(cfg.get("trust_remote_code")), allow_pickle=bool(cfg.get("allow_pickle")),
         dtype=parse_dtype(cfg.get("dtype"), "pool.dtype"), heads=cfg.get("heads"), task_model=build_task_model(cfg),
+        tokenizer=str(cfg.get("tokenizer") or "union"),
     )
 
 
@@ -114,7 +115,10 @@ def apply_preprocess(tv: TaskVectors, cfg: Mapping, seed: int = 0) -> TaskVector
 
 
 def build_tokenizer(pool: ExpertPool, trust_remote_code: bool = False):
-    """The base's tokenizer, or its image processor for a vision model (``main_input_name`` = pixel_values)."""
+    """The base's tokenizer, or its image processor for a vision model (``main_input_name`` = pixel_values).
+
+    Data is tokenized with the base's tokenizer even where experts added tokens (``adamerge/vocab.py`` says
+    why); the merged one is what ``write_output`` saves."""
     if pool.base_source is None:
         return None
     from transformers import AutoImageProcessor, AutoTokenizer
@@ -132,7 +136,6 @@ def build_tokenizer(pool: ExpertPool, trust_remote_code: bool = False):
         raise AdamergeError(f"no tokenizer for the base {str(pool.base_source)!r}: {str(e).splitlines()[0]}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    pool.check_tokenizers(tok)
     return tok
 
 
@@ -251,7 +254,8 @@ def fold_difference(merged: MergedModel, folded, batch: Mapping[str, torch.Tenso
     """Max |logits(folded) - logits(merged)| on one batch: the fold's self-check."""
 
     inputs = {k: v.to(merged.base.device) for k, v in model_inputs(batch).items()}
-    return (folded(**inputs).logits.float() - merged(**inputs).logits.float()).abs().max().item()
+    logits = merged(**inputs).logits.float()  # the folded model may have more: the rows of experts' added tokens
+    return (folded(**inputs).logits[..., : logits.shape[-1]].float() - logits).abs().max().item()
 
 
 def fit(merged: MergedModel, objective: Objective, data, tokenizer, config: Mapping, run_dir: Path, max_steps: int,
@@ -441,7 +445,8 @@ def write_task_checkpoints(merged: MergedModel, pool: ExpertPool, into: Path) ->
     for task in merged.experts:
         merged.fold(task).save_pretrained(into / "tasks" / task)
         if pool.base_source is not None:
-            copy_tokenizer(pool.base_source, into / "tasks" / task, pool.trust_remote_code)
+            copy_tokenizer(pool.base_source, into / "tasks" / task, pool.trust_remote_code,
+                           pool.vocabulary.merged_tokenizer())
 
 
 def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, config: Mapping,
@@ -493,6 +498,7 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
         card={"adapter": card_section(adapter, fmt) if adapter else (), "library": "peft" if fmt == "lora" else
               "transformers", "merge_sources": merge_sources(pool) if hub_options(config) else None,
               "kinship": merged_kinship(merged)},
+        tokenizer=pool.vocabulary.merged_tokenizer(),
     )
 
 

@@ -23,6 +23,7 @@ import torch
 from adamerge.errors import AdamergeError
 from adamerge.pool import TensorInfo
 from adamerge.spectral import SPECTRAL
+from adamerge.vocab import AddedRows
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class TaskVectors:
     factors: dict[str, LoraFactors] = field(default_factory=dict)
     offloaded: bool = False
     base: dict[str, torch.Tensor] = field(default_factory=dict)
+    added: AddedRows | None = None  # the rows of tokens experts added: constants the fold writes (vocab.py)
 
     @property
     def num_experts(self) -> int:

@@ -1,0 +1,150 @@
+"""Experts with extended vocabularies (adamerge/vocab.py): shared rows merged as usual, added rows by token string.
+
+Two tiny Llama experts of the char-tokenizer base add tokens: ``add`` adds ``<a>`` and ``<both>``, ``rev``
+adds ``<both>`` and ``<b>`` (so ``<both>`` has another id in each). The merge is task arithmetic written
+through ``adamerge.run.run``; the output must load with the Auto classes and hold the union vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_expert, tiny_llama
+
+from adamerge import AdamergeError, ExpertPool
+from adamerge.run import run
+from adamerge.zoo.tokenizer import char_tokenizer
+
+ADDED = {"add": ["<a>", "<both>"], "rev": ["<both>", "<b>"]}
+INIT = 0.4
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def expert_with_tokens(base, k: int, tokens: list[str], directory: Path) -> None:
+    """Expert k of the base, grown by ``tokens`` (seeded rows), saved with its tokenizer."""
+    tokenizer = char_tokenizer()
+    tokenizer.add_tokens(tokens)
+    model = tiny_expert(base, k)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    gen = torch.Generator().manual_seed(50 + k)
+    with torch.no_grad():
+        for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            p[-len(tokens):] = torch.randn(len(tokens), p.shape[1], generator=gen)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vocab")
+    base = tiny_llama()
+    base.save_pretrained(root / "base")
+    char_tokenizer().save_pretrained(root / "base")
+    for k, (name, tokens) in enumerate(ADDED.items()):
+        expert_with_tokens(base, k, tokens, root / name)
+    return root
+
+
+def merge(zoo: Path, out: Path, *overrides: tuple[str, str]) -> Path:
+    pool = {"base": str(zoo / "base"), "experts": {n: str(zoo / n) for n in ADDED}, **dict(overrides)}
+    config = {"pool": pool, "granularity": {"name": "task", "init": INIT}, "objective": {"name": "entropy"},
+              "trainer": {"max_steps": 0}, "output_dir": str(out)}
+    run(config, out.parent / "run")
+    return out
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def row(zoo: Path, expert: str, token: str, name: str) -> torch.Tensor:
+    """``expert``'s own row of ``token`` in tensor ``name`` (looked up by string in its tokenizer)."""
+    from transformers import AutoTokenizer
+
+    index = AutoTokenizer.from_pretrained(str(zoo / expert)).convert_tokens_to_ids(token)
+    return weights(zoo / expert)[name][index]
+
+
+def test_union_vocabulary_merges_shared_rows_and_keeps_added_ones(zoo, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = merge(zoo, tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    shared = len(char_tokenizer())
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<a>", "<both>", "<b>")}
+    assert ids == {"<a>": shared, "<both>": shared + 1, "<b>": shared + 2}  # experts in order, each in its id order
+    assert len(tokenizer) == model.config.vocab_size == shared + 3
+    assert tokenizer("a<both>b")["input_ids"] == [1, char_tokenizer().convert_tokens_to_ids("a"), ids["<both>"],
+                                                  char_tokenizer().convert_tokens_to_ids("b")]
+    assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == shared + 3
+
+    merged, base = weights(out), weights(zoo / "base")
+    experts = {n: weights(zoo / n) for n in ADDED}
+    for name, w0 in base.items():  # the shared rows: task arithmetic W0 + c sum_k (W_k - W0), as without added tokens
+        expected = w0 + INIT * sum(e[name][: w0.shape[0]] - w0 for e in experts.values())
+        torch.testing.assert_close(merged[name][: w0.shape[0]], expected, rtol=0, atol=1e-6, msg=name)
+    for name in (EMBED, HEAD):  # the added rows: the expert's own, or the mean where both added the token
+        assert torch.equal(merged[name][ids["<a>"]], row(zoo, "add", "<a>", name))
+        assert torch.equal(merged[name][ids["<b>"]], row(zoo, "rev", "<b>", name))
+        both = (row(zoo, "add", "<both>", name) + row(zoo, "rev", "<both>", name)) / 2
+        torch.testing.assert_close(merged[name][ids["<both>"]], both, rtol=0, atol=1e-7)
+    model(**tokenizer(["a<both>b<b>"], return_tensors="pt"))  # the added ids run through the loaded model
+
+
+def test_base_or_an_experts_tokenizer(zoo, tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    with caplog.at_level(logging.WARNING):
+        out = merge(zoo, tmp_path / "base", ("tokenizer", "base"))
+    assert weights(out)[EMBED].shape[0] == len(AutoTokenizer.from_pretrained(str(out))) == len(char_tokenizer())
+    assert "3 token(s) added by experts are dropped" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        out = merge(zoo, tmp_path / "rev", ("tokenizer", "rev"))
+    tokenizer, merged = AutoTokenizer.from_pretrained(str(out)), weights(out)
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(str(zoo / "rev")).get_vocab()
+    assert merged[HEAD].shape[0] == len(tokenizer)
+    both = (row(zoo, "add", "<both>", HEAD) + row(zoo, "rev", "<both>", HEAD)) / 2
+    torch.testing.assert_close(merged[HEAD][tokenizer.convert_tokens_to_ids("<both>")], both, rtol=0, atol=1e-7)
+    assert "1 token(s) added by experts are dropped with their embedding rows (<a>)" in caplog.text
+
+
+def test_reordered_vocabulary_is_refused_naming_the_first_differing_token(zoo, tmp_path):
+    import shutil
+
+    shutil.copytree(zoo / "rev", tmp_path / "rev")
+    reorder_vocabulary(tmp_path / "rev", "a", "b")
+    with pytest.raises(AdamergeError) as refused:
+        ExpertPool(str(zoo / "base"), {"add": str(zoo / "add"), "rev": str(tmp_path / "rev")})
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "expert 'rev'" in message and "'b' at id" in message and "the base has 'a'" in message
+
+
+def reorder_vocabulary(directory: Path, first: str, second: str) -> None:
+    """Swap two tokens' ids in a saved tokenizer.json (the same strings, another order)."""
+    import json
+
+    path = directory / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    path.write_text(json.dumps(data))
+
+
+def test_extra_rows_need_the_experts_tokenizer(zoo, tmp_path):
+    """In memory (no files to read a tokenizer from) and on disk (no tokenizer files): one line each."""
+    from transformers import AutoModelForCausalLM
+
+    grown = AutoModelForCausalLM.from_pretrained(str(zoo / "add"))
+    with pytest.raises(AdamergeError, match=r"expert 'add': 'model.embed_tokens.weight' has 46 rows, the base 44"):
+        ExpertPool(str(zoo / "base"), {"add": grown, "rev": str(zoo / "rev")}).task_vectors()
+    grown.save_pretrained(tmp_path / "bare")
+    with pytest.raises(AdamergeError, match=r"expert 'add': 46 rows where the base has 44 .* tokenizer files"):
+        ExpertPool(str(zoo / "base"), {"add": str(tmp_path / "bare")})
