@@ -57,7 +57,8 @@ def bad_inputs(root: Path, base_dir: Path, experts: dict[str, Path]) -> dict[str
     base = tiny_llama()
     paths = {name: root / name for name in ("gpt2", "three_layers", "narrow_mlp", "bf16", "not_a_model", "pickle",
                                             "evil_pickle", "remote_code", "same_tokenizer", "other_tokenizer", "nan",
-                                            "inf", "truncated", "bad_header", "lora", "lora_other_base")}
+                                            "inf", "truncated", "bad_header", "lora", "lora_other_base",
+                                            "reordered_vocab", "rows_without_tokenizer")}
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=base.config.vocab_size, n_embd=32, n_layer=2, n_head=4, bos_token_id=1,
                                eos_token_id=2)).save_pretrained(paths["gpt2"])
@@ -92,6 +93,16 @@ def bad_inputs(root: Path, base_dir: Path, experts: dict[str, Path]) -> dict[str
     other = char_tokenizer()
     other.add_tokens(["<tool>"])
     other.save_pretrained(paths["other_tokenizer"])
+    # the base's tokens in another order ('a' and 'b' swapped); extra embedding rows without their tokenizer
+    shutil.copytree(experts["rev"], paths["reordered_vocab"])
+    char_tokenizer().save_pretrained(paths["reordered_vocab"])
+    tokenizer_json = json.loads((paths["reordered_vocab"] / "tokenizer.json").read_text())
+    vocab = tokenizer_json["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (paths["reordered_vocab"] / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    grown = tiny_expert(base, 1)
+    grown.resize_token_embeddings(base.config.vocab_size + 2, mean_resizing=False)
+    grown.save_pretrained(paths["rows_without_tokenizer"])
 
     # non-finite weights, a truncated file, a header whose shape disagrees with the bytes it describes
     for name, value in (("nan", float("nan")), ("inf", float("inf"))):
@@ -459,6 +470,10 @@ CASES: dict[str, Case] = {
                                   loads=True),
     "other shapes": Case(lambda t: t.with_expert(t.bad("narrow_mlp")),
                          ("expert 'rev'", "'model.layers.0.mlp.down_proj.weight'", "(32, 48)", "(32, 64)")),
+    "reordered vocabulary": Case(lambda t: t.with_expert(t.bad("reordered_vocab")),
+                                 ("expert 'rev'", "'b' at id", "the base has 'a'", "reordered or changed")),
+    "added rows without a tokenizer": Case(lambda t: t.with_expert(t.bad("rows_without_tokenizer")),
+                                           ("expert 'rev'", "46 rows where the base has 44", "tokenizer files")),
     "other dtype": Case(lambda t: t.with_expert(t.bad("bf16")),
                         ("expert 'rev'", "'model.embed_tokens.weight'", "torch.bfloat16", "torch.float32"), loads=True),
     "not a model": Case(lambda t: t.with_expert(t.bad("not_a_model")),
