@@ -87,11 +87,14 @@ def storage(merged: MergedModel, name: str, adapters_only: bool) -> str:
 
 
 def check_adapter_fits(merged: MergedModel, pool: ExpertPool, rank: int | None) -> None:
-    """Refuse, before training, an adapter that cannot be written: per-task heads, or a dense matrix
-    delta without ``output.rank`` (it has no exact low-rank form)."""
+    """Refuse, before training, an adapter that cannot be written: per-task heads, experts' added tokens, or a
+    dense matrix delta without ``output.rank`` (it has no exact low-rank form)."""
     if len(merged.heads):
         raise AdamergeError("output.format=lora|both does not take per-task heads (classifiers): use "
                             "output.format=full")
+    if merged.added is not None:
+        raise AdamergeError("output.format=lora|both cannot hold the rows of tokens the experts added: use "
+                            "output.format=full, or pool.tokenizer=base to drop them")
     adapters_only = all_adapters(pool)
     dense = next((n for n in merged.names if storage(merged, n, adapters_only) == "svd"), None)
     if dense is not None and rank is None:

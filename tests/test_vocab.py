@@ -7,13 +7,14 @@ through ``adamerge.run.run``; the output must load with the Auto classes and hol
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_expert, tiny_llama
+from tiny import task_rows, tiny_expert, tiny_llama
 
 from adamerge import AdamergeError, ExpertPool
 from adamerge.run import run
@@ -49,11 +50,13 @@ def zoo(tmp_path_factory) -> Path:
     return root
 
 
-def merge(zoo: Path, out: Path, *overrides: tuple[str, str]) -> Path:
+def merge(zoo: Path, out: Path, *overrides: tuple[str, str], **sections) -> Path:
+    """Task arithmetic (lambda ``INIT``) of the zoo written to ``out``; ``overrides`` are ``pool`` keys."""
     pool = {"base": str(zoo / "base"), "experts": {n: str(zoo / n) for n in ADDED}, **dict(overrides)}
     config = {"pool": pool, "granularity": {"name": "task", "init": INIT}, "objective": {"name": "entropy"},
-              "trainer": {"max_steps": 0}, "output_dir": str(out)}
-    run(config, out.parent / "run")
+              "trainer": {"max_steps": 0}, "output_dir": str(out), **sections}
+    result = run(config, out.parent / "run")
+    assert result.fold_max_diff is None or result.fold_max_diff < 1e-5  # the shared logits of the fold check
     return out
 
 
@@ -72,7 +75,13 @@ def row(zoo: Path, expert: str, token: str, name: str) -> torch.Tensor:
 def test_union_vocabulary_merges_shared_rows_and_keeps_added_ones(zoo, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = merge(zoo, tmp_path / "merged")
+    data = {}
+    for task in ADDED:  # calibration rows: the fold check compares folded and merged logits on them
+        data[task] = tmp_path / f"{task}.jsonl"
+        data[task].write_text("".join(json.dumps(r) + "\n" for r in task_rows(task, 2)))
+    out = merge(zoo, tmp_path / "merged", data={"paths": {t: str(p) for t, p in data.items()}})
+    fold_check = [line for line in (out / "README.md").read_text().splitlines() if "fold max |diff|" in line]
+    assert len(fold_check) == 1 and "None" not in fold_check[0], fold_check
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     model = AutoModelForCausalLM.from_pretrained(str(out))
     shared = len(char_tokenizer())
@@ -129,8 +138,6 @@ def test_reordered_vocabulary_is_refused_naming_the_first_differing_token(zoo, t
 
 def reorder_vocabulary(directory: Path, first: str, second: str) -> None:
     """Swap two tokens' ids in a saved tokenizer.json (the same strings, another order)."""
-    import json
-
     path = directory / "tokenizer.json"
     data = json.loads(path.read_text())
     vocab = data["model"]["vocab"]
@@ -148,3 +155,9 @@ def test_extra_rows_need_the_experts_tokenizer(zoo, tmp_path):
     grown.save_pretrained(tmp_path / "bare")
     with pytest.raises(AdamergeError, match=r"expert 'add': 46 rows where the base has 44 .* tokenizer files"):
         ExpertPool(str(zoo / "base"), {"add": str(tmp_path / "bare")})
+
+
+def test_a_lora_output_is_refused_before_training(zoo, tmp_path):
+    with pytest.raises(AdamergeError, match=r"output.format=lora\|both cannot hold the rows of tokens the experts"):
+        merge(zoo, tmp_path / "lora", output={"format": "lora", "rank": 4})
+    assert not (tmp_path / "lora").exists()
