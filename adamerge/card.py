@@ -130,20 +130,23 @@ def model_card(
     adapter: Sequence[str] = (),
     library: str = "transformers",
     kinship: Sequence[str] = (),
+    harness: Sequence[str] = (),
+    model_index: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """Hugging Face model card with the merge front matter and a human-readable summary.
 
     ``merge_sources``: the base's and experts' sources as given; ``base_model`` then lists those that are
     hub ids (a Hub upload). ``adapter``: markdown about a LoRA adapter of the merge (``lora_output.card_section``);
     ``library``: ``peft`` when the directory holds the adapter alone. ``kinship``: the markdown table of
-    ``kinship.merged_kinship`` (how alike the experts' task vectors are).
+    ``kinship.merged_kinship`` (how alike the experts' task vectors are). ``harness``: markdown of the
+    lm-evaluation-harness scores and ``model_index`` their Hub ``model-index`` entries (``harness.py``).
     """
     tags = ["adamerge", "merge", *(["lora", "peft"] if adapter else [])]
     if config:
         tags.append(re.sub(r"[^a-z0-9]+", "-", method_name(config).lower()).strip("-"))
     sources = list(dict.fromkeys(filter(None, map(hub_id, merge_sources or [base_model]))))
     front = {"base_model": (sources if merge_sources is not None else sources[0]) if sources else None,
-             "base_model_relation": "merge", "tags": tags}
+             "base_model_relation": "merge", "tags": tags, "model-index": list(model_index) or None}
     front = {k: v for k, v in front.items() if v is not None}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), f"library_name: {library}", "---", ""]
     lines += ["# Merged model", "", f"Merged with [adamerge](https://github.com/adamerge/adamerge) from "
@@ -171,4 +174,6 @@ def model_card(
         for name, row in metrics.items():
             cells = [f"{row[c]:.4f}" if c in row else "" for c in columns]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if harness:
+        lines += ["", "## lm-evaluation-harness", "", *harness]
     return "\n".join(lines) + "\n"

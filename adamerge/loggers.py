@@ -2,9 +2,9 @@
 
 A run's logger gets the resolved config as hyperparameters before training, Lightning's losses and
 coefficient statistics during it, and afterwards the test metrics before and after training
-(``test/before/TASK``, ``test/after/TASK``) and the coefficient heatmap (TensorBoard, W&B). A
-static merge (``trainer.max_steps=0``) logs the same, without losses. In a method comparison
-each method is its own run: ``logger.run_name`` names it, ``logger.group`` groups them (W&B).
+(``test/before/TASK``, ``test/after/TASK``, lm-eval's ``harness/MODEL/TASK/METRIC``) and the coefficient
+heatmap (TensorBoard, W&B). A static merge (``trainer.max_steps=0``) logs the same, without losses. In a
+method comparison each method is its own run: ``logger.run_name`` names it, ``logger.group`` groups them (W&B).
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from adamerge.errors import AdamergeError
+from adamerge.harness import flat_scores
 
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
 
@@ -45,9 +47,12 @@ def build_logger(cfg: Mapping | None, save_dir: Path, config: Mapping) -> Logger
     return logger
 
 
-def test_metrics(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """``{"before": {task: score}, "after": ...}`` -> ``{"test/before/TASK": score, ...}``."""
-    return {f"test/{when}/{task}": float(score) for when, scores in metrics.items() for task, score in scores.items()}
+def test_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """``{"before": {task: score}, "after": ...}`` -> ``{"test/before/TASK": score, ...}``; lm-eval harness scores
+    (``metrics["harness"][model][task][metric]``) as ``harness/MODEL/TASK/METRIC``."""
+    scores = {f"test/{when}/{task}": float(score) for when, row in metrics.items() if when != "harness"
+              for task, score in row.items()}
+    return {**scores, **{f"harness/{k}": v for k, v in flat_scores(metrics.get("harness") or {}).items()}}
 
 
 def log_heatmap(logger: Logger, merged, step: int) -> None:

@@ -33,7 +33,8 @@ from adamerge.data import Collator, DataFree, TaskDataModule, load_task_examples
 from adamerge.errors import AdamergeError
 from adamerge.export import check_output_dir, copy_tokenizer, save_folded
 from adamerge.fingerprint import fingerprints
-from adamerge.granularity import GRANULARITIES, Layer, chunk_limit
+from adamerge.granularity import GRANULARITIES, Layer, Task, chunk_limit
+from adamerge.harness import HarnessOptions, harness_options, harness_section, model_index, reference_scores
 from adamerge.kinship import merged_kinship
 from adamerge.loggers import build_logger, finish_logger
 from adamerge.lora_output import (
@@ -249,6 +250,23 @@ def evaluate_merged(merged: MergedModel, tokenizer, cfg: Mapping, causal: bool) 
     return evaluate_model(lambda task: shared if shared is not None else merged.fold(task), tokenizer, cfg, causal)
 
 
+def task_vectors_and_references(pool: ExpertPool, cfg: Mapping, seed: int, harness: HarnessOptions | None,
+                                tokenizer) -> tuple[TaskVectors, dict]:
+    """``build_task_vectors``, with the harness scores of the base and (``eval.harness.experts``) each expert taken
+    in between: on the raw task vectors, so an expert is the one the pool gave, not its ``pool.preprocess``ed self."""
+    raw = raw_task_vectors(pool, cfg)
+    if harness is None:
+        return prepare_task_vectors(raw, cfg, seed), {}
+    teacher = MergedModel(pool.base, raw, Task(init=0.0))
+
+    def expert(name: str) -> torch.nn.Module:
+        with teacher.as_expert(name):
+            return teacher.fold()
+
+    scores = reference_scores(harness, pool.base, {n: lambda n=n: expert(n) for n in teacher.experts}, tokenizer)
+    return prepare_task_vectors(raw, cfg, seed), scores
+
+
 @torch.no_grad()
 def fold_difference(merged: MergedModel, folded, batch: Mapping[str, torch.Tensor]) -> float:
     """Max |logits(folded) - logits(merged)| on one batch: the fold's self-check."""
@@ -341,10 +359,11 @@ def protected_inputs(config: Mapping, others: Mapping[str, Path]) -> dict[str, P
 
 @dataclass
 class Checked:
-    """What the checks before loading produced: the objective and the calibration rows."""
+    """What the checks before loading produced: the objective, the calibration rows and the harness tasks."""
 
     objective: Objective
     rows: dict[str, Sequence[Mapping]] | None
+    harness: HarnessOptions | None = None
 
 
 def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None = None) -> Checked:
@@ -371,7 +390,7 @@ def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None
     if config.get("resume"):
         granularity = GRANULARITIES.get((config.get("granularity") or {}).get("name"))
         read_resume(config["resume"], experts, granularity.__name__ if granularity else None)
-    return Checked(objective, rows)
+    return Checked(objective, rows, harness_options(config, causal))
 
 
 def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool | None = None,
@@ -389,8 +408,11 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     objective, seed, output_dir = checked.objective, int(config.get("seed", 0)), config.get("output_dir")
     pl.seed_everything(seed, workers=True, verbose=False)
     pool = pool or build_pool(config["pool"])
-    task_vectors = task_vectors or build_task_vectors(pool, config["pool"], seed)
     tokenizer = build_tokenizer(pool, bool(config["pool"].get("trust_remote_code")))
+    harness = checked.harness
+    scores = {}  # lm-eval harness: model -> task -> metric -> value
+    if task_vectors is None:  # built here: the base and the experts are scored here, once
+        task_vectors, scores = task_vectors_and_references(pool, config["pool"], seed, harness, tokenizer)
     causal = is_causal(pool)
     data = build_datamodule(config.get("data") or {}, checked.rows, tokenizer, objective, causal, seed,
                             max_positions(pool.base), getattr(getattr(pool.base, "config", None), "bos_token_id", None))
@@ -403,10 +425,16 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
         check_adapter_fits(merged, pool, rank)
     eval_cfg = config.get("eval") or {}
     metrics = {"before": evaluate_merged(merged, tokenizer, eval_cfg, causal)}
+    if harness:  # the merge is scored with the tokenizer output_dir gets (experts' added tokens included)
+        merged_tokenizer = pool.vocabulary.merged_tokenizer() or tokenizer
+        scores["before"] = harness.evaluate(merged.fold(), merged_tokenizer)
     if steps_left != 0:
         fit(merged, objective, data, tokenizer, config, run_dir, steps_left, logger, config.get("resume"))
 
     metrics["after"] = evaluate_merged(merged, tokenizer, eval_cfg, causal)
+    if harness:  # without training the merge is the one scored before
+        scores["after"] = harness.evaluate(merged.fold(), merged_tokenizer) if steps_left else scores["before"]
+        metrics["harness"] = scores
     finish_logger(logger, metrics, merged, max_steps)
     diff = None
     if data is not None:
@@ -490,16 +518,26 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
         coefficients=coefficients,
         coefficient_metadata={"experts": merged.experts, "granularity": config["granularity"],
                               "transform": granularity.transform, "space": granularity.space},
-        config=config, details=details, metrics={k: v for k, v in result.metrics.items() if v},
+        config=config, details=details, metrics={k: v for k, v in result.metrics.items() if v and k != "harness"},
         overwrite=bool(config.get("overwrite")), trust_remote_code=bool(config["pool"].get("trust_remote_code")),
         extra_files=extra_files, protected=protected,
         record={"inputs": fingerprints(pool.base_source, pool.expert_sources)},
         weights=(lambda tmp: write_adapter(adapter, merged.base, tmp, base_name)) if fmt == "lora" else None,
         card={"adapter": card_section(adapter, fmt) if adapter else (), "library": "peft" if fmt == "lora" else
               "transformers", "merge_sources": merge_sources(pool) if hub_options(config) else None,
-              "kinship": merged_kinship(merged)},
+              "kinship": merged_kinship(merged), **harness_card(result, config)},
         tokenizer=pool.vocabulary.merged_tokenizer(),
     )
+
+
+def harness_card(result: RunResult, config: Mapping) -> dict[str, Any]:
+    """The card's lm-eval harness section and ``model-index`` (the merged model's scores, named as uploaded)."""
+    scores, options = result.metrics.get("harness") or {}, (config.get("eval") or {}).get("harness") or {}
+    if not scores:
+        return {}
+    name = (hub_options(config) or {}).get("repo_id") or result.output_dir.name
+    return {"harness": harness_section(scores, options),
+            "model_index": model_index(name, scores.get("after") or {}, options)}
 
 
 def merge_sources(pool: ExpertPool) -> list[str]:

@@ -1,7 +1,8 @@
 """Hydra callback: after a multirun, one summary table (``summary.csv`` + ``summary.md``) of every job.
 
 A row per job (a method comparison job: a row per method) with its final test scores in percent
-(average first, then each task), its wall seconds and its overrides, best average first; failed
+(average first, then each task), the merged model's lm-eval harness scores (``harness/TASK/METRIC``, as
+lm-eval reports them), its wall seconds and its overrides, best average first; failed
 jobs come last with their error. Jobs are read back from their ``result.json``.
 """
 
@@ -14,6 +15,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from adamerge.harness import summary_columns
 
 NOT_SCORES = ("time (s)", "norm. avg")
 
@@ -32,8 +35,9 @@ def job_rows(job: str, result: dict[str, Any]) -> list[dict[str, Any]]:
     if result.get("table"):
         return [{**common, "method": name, **percent(row), **tail, "seconds": round(row.get("time (s)", 0.0), 1)}
                 for name, row in result["table"].items()]
-    after = (result.get("metrics") or {}).get("after") or {}
-    return [{**common, **percent(after), **tail}]
+    metrics = result.get("metrics") or {}
+    harness = summary_columns((metrics.get("harness") or {}).get("after") or {})  # lm-eval's numbers, as reported
+    return [{**common, **percent(metrics.get("after") or {}), **harness, **tail}]
 
 
 def job_order(result: Path) -> tuple[int, str]:

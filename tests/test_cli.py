@@ -64,7 +64,8 @@ def test_single_run_writes_a_plain_checkpoint(zoo, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
-    adamerge([*zoo.cli_args(), "trainer.max_steps=3", "trainer.log_every_n_steps=1", "optim.lr=0.05",
+    adamerge([*zoo.cli_args(), "method=adamerging_layer", "trainer.accumulate_grad_batches=1", "data.batch_size=8",
+              "trainer.max_steps=3", "trainer.log_every_n_steps=1", "optim.lr=0.05",
               "trainer.enable_progress_bar=false", f"output_dir={out}", f"hydra.run.dir={tmp_path / 'run'}"],
              cwd=tmp_path)
 
@@ -101,7 +102,7 @@ def test_single_run_writes_a_plain_checkpoint(zoo, tmp_path):
 
 def test_zero_steps_is_task_arithmetic(zoo, tmp_path):
     out = tmp_path / "merged"
-    adamerge([*zoo.cli_args(), "granularity=task", "granularity.init=0.3", "trainer.max_steps=0", *QUIET,
+    adamerge([*zoo.cli_args(), "method=task_arithmetic", *QUIET,
               f"output_dir={out}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     w0, merged = tensors(zoo.base), tensors(out)
     experts = [tensors(path) for path in zoo.experts.values()]
