@@ -161,3 +161,24 @@ def test_a_lora_output_is_refused_before_training(zoo, tmp_path):
     with pytest.raises(AdamergeError, match=r"output.format=lora\|both cannot hold the rows of tokens the experts"):
         merge(zoo, tmp_path / "lora", output={"format": "lora", "rank": 4})
     assert not (tmp_path / "lora").exists()
+
+
+def test_tied_embeddings_grow_once(tmp_path):
+    """A tied lm_head is the input embedding: one vocabulary tensor, still tied after the fold."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adamerge.granularity import Task
+    from adamerge.merged import MergedModel
+
+    config = tiny_llama().config.to_dict()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**{**config, "tie_word_embeddings": True})).eval()
+    base.save_pretrained(tmp_path / "base")
+    char_tokenizer().save_pretrained(tmp_path / "base")
+    expert_with_tokens(base, 0, ["<t>"], tmp_path / "e")
+    pool = ExpertPool(str(tmp_path / "base"), {"e": str(tmp_path / "e")})
+    assert pool.vocab_names == [EMBED]
+    folded = MergedModel(pool.base, pool.task_vectors(), Task(init=1.0)).fold()
+    assert folded.get_output_embeddings().weight is folded.get_input_embeddings().weight
+    assert torch.equal(folded.get_input_embeddings().weight, weights(tmp_path / "e")[EMBED])  # c = 1: the expert
+    assert folded.config.vocab_size == len(char_tokenizer()) + 1
