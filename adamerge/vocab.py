@@ -111,8 +111,9 @@ class AddedRows:
             model.resize_token_embeddings(self.size, mean_resizing=False)
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, rows in self.rows.items():
+            for name in vocabulary_tensors(model):
                 params[name][base_rows:].zero_()  # rows that no added token fills: zero, not a random init
+            for name, rows in self.rows.items():
                 params[name][self.ids] = rows.to(params[name].device, params[name].dtype)
         return model
 
@@ -165,9 +166,8 @@ class Vocabulary:
             return
         rows = params[names[0]].shape[0]
         if rows > base_rows and expert not in self.tokenizers:
-            why = "" if self.base_tokenizer is not None or not self.tokenizers else " (and the base's)"
             raise AdamergeError(f"expert {expert!r}: {names[0]!r} has {rows} rows, the base {base_rows}: its added "
-                                f"tokens need its tokenizer files{why} in its directory")
+                                "tokens need its tokenizer files in its directory (and a base with a tokenizer)")
         added = self.added.get(expert, {})
         missing = [t for t, i in added.items() if i >= rows]
         if missing:
@@ -187,11 +187,12 @@ class Vocabulary:
         return {t: i for t, i in tokenizer.get_vocab().items() if t not in base}
 
     def merged_tokenizer(self):
-        """The tokenizer of the merged model; ``None`` where it is the base's (no added rows kept)."""
-        if self.choice == "base" or not any(self.kept.values()):
-            return None
+        """The tokenizer of the merged model: ``None`` where it is the base's (``base``, or ``union`` where no
+        added token has a row), a copy of the chosen expert's (as it is, chat template too), or the union."""
         if self.choice != "union":
-            return copy.deepcopy(self.tokenizers[self.choice])
+            return None if self.choice == "base" else copy.deepcopy(self.tokenizers[self.choice])
+        if not any(self.kept.values()):
+            return None
         from transformers import AddedToken
 
         tokenizer = copy.deepcopy(self.base_tokenizer)
@@ -219,8 +220,8 @@ class Vocabulary:
         if rowless:
             log.warning("pool.tokenizer=%s: %d of its added token(s) have a row in no expert (%s); their rows are zero",
                         self.choice, len(rowless), ", ".join(rowless[:5]))
-        names = next(iter(r for kept in self.kept.values() for r in kept.values()))
         tokens = [t for t in targets if t in everything]
+        names = next(iter(r for kept in self.kept.values() for r in kept.values())) if tokens else {}
         rows = {n: torch.stack([mean_row(self.kept, t, n) for t in tokens]) for n in names}
         return AddedRows([targets[t] for t in tokens], rows, max(base_rows, max(targets.values()) + 1))
 

@@ -182,3 +182,24 @@ def test_tied_embeddings_grow_once(tmp_path):
     assert folded.get_output_embeddings().weight is folded.get_input_embeddings().weight
     assert torch.equal(folded.get_input_embeddings().weight, weights(tmp_path / "e")[EMBED])  # c = 1: the expert
     assert folded.config.vocab_size == len(char_tokenizer()) + 1
+
+
+def test_an_experts_tokenizer_whose_added_token_has_no_row(zoo, tmp_path, caplog):
+    """pool.tokenizer=NAME takes that expert's tokenizer as it is; a token of it no expert has a row for
+    gets a zero row (warned), so every id of the written tokenizer has a row."""
+    from adamerge.granularity import Task
+    from adamerge.merged import MergedModel
+
+    tiny_expert(tiny_llama(), 0).save_pretrained(tmp_path / "e")
+    tokenizer = char_tokenizer()
+    tokenizer.add_tokens(["<tool>"])
+    tokenizer.save_pretrained(tmp_path / "e")
+    with caplog.at_level(logging.WARNING):
+        pool = ExpertPool(str(zoo / "base"), {"e": str(tmp_path / "e")}, tokenizer="e")
+        folded = MergedModel(pool.base, pool.task_vectors(), Task(init=1.0)).fold()
+    assert "have no embedding row in it (<tool>)" in caplog.text and "their rows are zero" in caplog.text
+    assert pool.vocabulary.merged_tokenizer().get_vocab() == tokenizer.get_vocab()
+    assert folded.config.vocab_size == len(tokenizer)
+    assert not folded.get_input_embeddings().weight[-1].any() and not folded.get_output_embeddings().weight[-1].any()
+    with pytest.raises(AdamergeError, match=r"pool.tokenizer='x' must be base, union or an expert's name \(e\)"):
+        ExpertPool(str(zoo / "base"), {"e": str(tmp_path / "e")}, tokenizer="x")
