@@ -3,7 +3,9 @@
 Experts come from a local Hugging Face directory, a hub id, a PEFT LoRA adapter directory on top
 of the base, an in-memory ``nn.Module``, or a zero-argument callable that builds one. An expert is
 only ever materialized while its task vector is being written (docs/ARCHITECTURE.md, "Memory model");
-a LoRA adapter's task vectors stay its factors, never an (out x in) delta per expert.
+a LoRA adapter's task vectors stay its factors, never an (out x in) delta per expert. Experts whose
+tokenizers added tokens are trimmed to the base's vocabulary rows, their added rows kept aside
+(``adamerge/vocab.py``).
 """
 
 from __future__ import annotations
