@@ -83,14 +83,13 @@ def load_tokenizer(source: str | Path, trust_remote_code: bool = False):
 def added_tokens(base_tokenizer, tokenizer, expert: str) -> dict[str, int]:
     """The tokens ``tokenizer`` has beyond the base's (string -> its id, in id order), after checking that it
     holds every base token at the base's id."""
-    vocab = tokenizer.get_vocab()
-    by_id = {i: t for t, i in vocab.items()}
-    for token, i in sorted(base_tokenizer.get_vocab().items(), key=lambda item: item[1]):
-        if by_id.get(i) != token:
-            theirs = f"{by_id[i]!r}" if i in by_id else "no token"
-            raise AdamergeError(f"expert {expert!r}: its tokenizer has {theirs} at id {i} where the base has "
-                                f"{token!r}: a reordered or changed base vocabulary cannot be merged")
-    base = base_tokenizer.get_vocab()
+    vocab, base = tokenizer.get_vocab(), base_tokenizer.get_vocab()
+    differing = next(((t, i) for t, i in sorted(base.items(), key=lambda item: item[1]) if vocab.get(t) != i), None)
+    if differing is not None:
+        token, i = differing
+        theirs = next((f"{t!r}" for t, j in vocab.items() if j == i), "no token")
+        raise AdamergeError(f"expert {expert!r}: its tokenizer has {theirs} at id {i} where the base has {token!r}: "
+                            "a reordered or changed base vocabulary cannot be merged")
     return {t: i for t, i in sorted(vocab.items(), key=lambda item: item[1]) if t not in base}
 
 
