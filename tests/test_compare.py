@@ -28,10 +28,10 @@ from adamerge.zoo.build import SHIPPED
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 METHODS = [
-    {"name": "task arithmetic (0.3)", "overrides": ["granularity=task", "granularity.init=0.3", "trainer.max_steps=0"]},
-    {"name": "TIES", "overrides": ["granularity=task", "granularity.init=1.0", "pool.preprocess.method=ties",
-                                   "trainer.max_steps=0"]},
-    {"name": "AdaMerging task-wise", "overrides": ["granularity=task", "objective=entropy", "trainer.max_steps=2"]},
+    {"name": "task arithmetic (0.3)", "overrides": ["method=task_arithmetic"]},
+    {"name": "TIES", "overrides": ["method=ties"]},
+    {"name": "AdaMerging task-wise", "overrides": ["method=adamerging_task", "trainer.max_steps=2",
+                                                   "trainer.accumulate_grad_batches=1"]},
 ]
 
 
