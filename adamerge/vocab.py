@@ -69,6 +69,16 @@ def has_tokenizer_files(path: Path) -> bool:
     return any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
+def ships_tokenizer(source: object) -> bool:
+    """A local directory with tokenizer files."""
+    return isinstance(source, (str, Path)) and has_tokenizer_files(Path(str(source)).expanduser())
+
+
+def is_hub_id(source: object) -> bool:
+    """A source given by name, not as a path that exists (``pool.is_local`` decides how it is loaded)."""
+    return isinstance(source, str) and not Path(source).expanduser().exists()
+
+
 def load_tokenizer(source: str | Path, trust_remote_code: bool = False):
     """``AutoTokenizer`` of a directory or hub id; ``None`` (logged) where it has none or cannot be read."""
     from transformers import AutoTokenizer
@@ -128,35 +138,37 @@ class Vocabulary:
             raise AdamergeError(f"pool.tokenizer={choice!r} must be base, union or an expert's name "
                                 f"({', '.join(experts)})")
         self.choice = choice
+        self.base_source, self.sources, self.trust_remote_code = None, {}, False  # set by ``read``
         self.base_tokenizer = None
         self.tokenizers: dict[str, object] = {}  # expert -> its tokenizer (experts that ship one)
         self.added: dict[str, dict[str, int]] = {}  # expert -> added token -> its id in the expert
         self.kept: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # expert -> token -> tensor -> row
 
     def read(self, base_source, expert_sources: Mapping[str, object], trust_remote_code: bool) -> None:
-        """Read the tokenizers that local experts ship (and then the base's) and check them against the base's."""
-        local = {name: Path(str(s)).expanduser() for name, s in expert_sources.items() if isinstance(s, (str, Path))}
-        shipped = {name: p for name, p in local.items() if p.is_dir() and has_tokenizer_files(p)}
-        if not shipped and self.choice in CHOICES:
-            return
-        if base_source is None:
-            if self.choice not in CHOICES:
-                raise AdamergeError(f"pool.tokenizer={self.choice!r} needs the base's tokenizer: give pool.base as a "
-                                    "directory or hub id")
-            log.warning("the base is an in-memory model: experts' tokenizers are not compared with its vocabulary")
-            return
-        self.base_tokenizer = load_tokenizer(base_source, trust_remote_code)
-        if self.base_tokenizer is None:
-            if self.choice not in CHOICES:
-                raise AdamergeError(f"pool.tokenizer={self.choice!r}: the base {str(base_source)!r} has no tokenizer")
-            return
-        for name, path in shipped.items():
-            tokenizer = load_tokenizer(path, trust_remote_code)
-            if tokenizer is not None:
-                self.tokenizers[name] = tokenizer
-                self.added[name] = added_tokens(self.base_tokenizer, tokenizer, name)
+        """Read the tokenizers that local experts ship and the chosen expert's (with the base's) and check them
+        against the base's; a hub expert's is read once it turns out to have extra rows (``keep_rows``)."""
+        self.base_source, self.sources, self.trust_remote_code = base_source, dict(expert_sources), trust_remote_code
+        wanted = [name for name, source in expert_sources.items() if ships_tokenizer(source)]
+        if self.choice not in (*CHOICES, *wanted):
+            wanted.append(self.choice)
+        for name in wanted:
+            self._read_expert(name)
         if self.choice not in (*CHOICES, *self.tokenizers):
-            raise AdamergeError(f"pool.tokenizer={self.choice!r}: expert {self.choice!r} ships no readable tokenizer")
+            raise AdamergeError(f"pool.tokenizer={self.choice!r}: no tokenizer read for expert {self.choice!r} "
+                                "(or for the base) to compare with the base's")
+
+    def _read_expert(self, name: str) -> None:
+        """``name``'s tokenizer and added tokens, checked against the base's (read first, once); nothing where
+        either has none (an in-memory model, a directory without tokenizer files)."""
+        if self.base_tokenizer is None and isinstance(self.base_source, (str, Path)):
+            self.base_tokenizer = load_tokenizer(self.base_source, self.trust_remote_code)
+        source = self.sources[name]
+        if self.base_tokenizer is None or not isinstance(source, (str, Path)):
+            return
+        tokenizer = load_tokenizer(source, self.trust_remote_code)
+        if tokenizer is not None:
+            self.tokenizers[name] = tokenizer
+            self.added[name] = added_tokens(self.base_tokenizer, tokenizer, name)
 
     def keep_rows(self, expert: str, params: dict[str, torch.Tensor], names: Sequence[str], base_rows: int) -> None:
         """Set aside the rows of ``expert``'s added tokens and trim its vocabulary tensors (in ``params``) to
@@ -164,6 +176,8 @@ class Vocabulary:
         if not names:
             return
         rows = params[names[0]].shape[0]
+        if rows > base_rows and expert not in self.tokenizers and is_hub_id(self.sources[expert]):
+            self._read_expert(expert)  # downloaded with its weights
         if rows > base_rows and expert not in self.tokenizers:
             raise AdamergeError(f"expert {expert!r}: {names[0]!r} has {rows} rows, the base {base_rows}: its added "
                                 "tokens need its tokenizer files in its directory (and a base with a tokenizer)")
@@ -178,12 +192,12 @@ class Vocabulary:
             params[n] = params[n][:base_rows]
 
     def merged_tokens(self) -> dict[str, int]:
-        """Token -> its id in the merged tokenizer, for the added tokens that the merged vocabulary keeps."""
+        """Token -> its id in the merged tokenizer, for the added tokens that the merged vocabulary keeps (id order)."""
         tokenizer = self.merged_tokenizer()
         if tokenizer is None:
             return {}
         base = self.base_tokenizer.get_vocab()
-        return {t: i for t, i in tokenizer.get_vocab().items() if t not in base}
+        return {t: i for t, i in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]) if t not in base}
 
     def merged_tokenizer(self):
         """The tokenizer of the merged model: ``None`` where it is the base's (``base``, or ``union`` where no

@@ -203,3 +203,26 @@ def test_an_experts_tokenizer_whose_added_token_has_no_row(zoo, tmp_path, caplog
     assert not folded.get_input_embeddings().weight[-1].any() and not folded.get_output_embeddings().weight[-1].any()
     with pytest.raises(AdamergeError, match=r"pool.tokenizer='x' must be base, union or an expert's name \(e\)"):
         ExpertPool(str(zoo / "base"), {"e": str(tmp_path / "e")}, tokenizer="x")
+
+
+def test_a_hub_expert_with_added_tokens(zoo, tmp_path, monkeypatch):
+    """An expert given by hub id (here from an offline cache): its tokenizer is read once its rows outnumber
+    the base's."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    sha = "0" * 40
+    repo = tmp_path / "hub" / "models--org--rev"
+    shutil.copytree(zoo / "rev", repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    pool = ExpertPool(str(zoo / "base"), {"add": str(zoo / "add"), "rev": "org/rev"})
+    assert list(pool.vocabulary.tokenizers) == ["add"]  # the hub expert's is not read before it is needed
+    added = pool.task_vectors().added
+    assert list(pool.vocabulary.tokenizers) == ["add", "rev"]
+    assert [pool.vocabulary.merged_tokenizer().convert_ids_to_tokens(i) for i in added.ids] == ["<a>", "<both>", "<b>"]
+    assert torch.equal(added.rows[HEAD][2], row(zoo, "rev", "<b>", HEAD))
