@@ -9,7 +9,8 @@ one way along the data flow (pool -> task vectors -> merged model -> fold):
   token at the base's id (its rows line up with the base's); a reordered or changed vocabulary is
   refused, naming the first differing token. The expert's tokens that the base lacks are its
   *added tokens*, in its id order. An expert with extra rows needs its tokenizer files in its
-  directory (one line says so otherwise).
+  directory (one line says so otherwise); a hub expert's tokenizer is read once its rows show it
+  needs one.
 - **Loading an expert**, its vocabulary tensors are trimmed to the base's rows: those task vectors
   are merged by the normal machinery (coefficients and all). The rows of its added tokens are kept
   aside, like per-task heads; an added token without a row in the expert (a tokenizer larger than
