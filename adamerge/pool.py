@@ -287,7 +287,8 @@ class ExpertPool:
         base = headers.pop("base", {})
         for role, tensors in headers.items():
             for name, shape in tensors.items():
-                if name not in base or base[name] == shape or added_rows_allowed(role, local[role], shape, base[name]):
+                if name not in base or base[name] == shape or added_rows_allowed(
+                        role, local[role], shape, base[name], drop=self.vocabulary.choice == "base"):
                     continue
                 raise AdamergeError(f"{role}: tensor {name!r} has shape {shape}, the base {base[name]}")
         for name, source in self.expert_sources.items():
@@ -365,14 +366,16 @@ class ExpertPool:
             raise AdamergeError(f"LoRA adapter {str(path)!r} does not fit the base: {e}") from e
 
 
-def added_rows_allowed(role: str, source: str | Path, shape: tuple[int, ...], base: tuple[int, ...]) -> bool:
-    """More rows than the base's, all else equal: an expert that added tokens, if it ships its tokenizer
-    (that these are its embedding and output tensors is checked once it is loaded)."""
+def added_rows_allowed(role: str, source: str | Path, shape: tuple[int, ...], base: tuple[int, ...],
+                       drop: bool = False) -> bool:
+    """More rows than the base's, all else equal: an expert that added tokens, if it ships its tokenizer or
+    the added rows are dropped (``drop``: ``pool.tokenizer=base``); that these are its embedding and output
+    tensors is checked once it is loaded."""
     if shape[1:] != base[1:] or shape[0] <= base[0]:
         return False
-    if not has_tokenizer_files(Path(source).expanduser()):
+    if not drop and not has_tokenizer_files(Path(source).expanduser()):
         raise AdamergeError(f"{role}: {shape[0]} rows where the base has {base[0]} (added tokens?): its added "
-                            "tokens need its tokenizer files in its directory")
+                            "tokens need its tokenizer files in its directory, or pool.tokenizer=base to drop them")
     return True
 
 

@@ -179,9 +179,13 @@ class Vocabulary:
         rows = params[names[0]].shape[0]
         if rows > base_rows and expert not in self.tokenizers and is_hub_id(self.sources[expert]):
             self._read_expert(expert)  # downloaded with its weights
-        if rows > base_rows and expert not in self.tokenizers:
+        if rows > base_rows and expert not in self.tokenizers and self.choice != "base":
             raise AdamergeError(f"expert {expert!r}: {names[0]!r} has {rows} rows, the base {base_rows}: its added "
-                                "tokens need its tokenizer files in its directory (and a base with a tokenizer)")
+                                "tokens need its tokenizer files in its directory (and a base with a tokenizer), "
+                                "or pool.tokenizer=base to drop them")
+        if rows > base_rows and expert not in self.tokenizers:
+            log.warning("pool.tokenizer=base: expert %r's %d rows beyond the base's %d are dropped", expert,
+                        rows - base_rows, base_rows)
         added = self.added.get(expert, {})
         missing = [t for t, i in added.items() if i >= rows]
         if missing:

@@ -153,8 +153,11 @@ def test_extra_rows_need_the_experts_tokenizer(zoo, tmp_path):
     with pytest.raises(AdamergeError, match=r"expert 'add': 'model.embed_tokens.weight' has 46 rows, the base 44"):
         ExpertPool(str(zoo / "base"), {"add": grown, "rev": str(zoo / "rev")}).task_vectors()
     grown.save_pretrained(tmp_path / "bare")
-    with pytest.raises(AdamergeError, match=r"expert 'add': 46 rows where the base has 44 .* tokenizer files"):
+    with pytest.raises(AdamergeError, match=r"expert 'add': 46 rows where the base has 44 .* tokenizer files.*"
+                                            r"pool.tokenizer=base to drop them"):
         ExpertPool(str(zoo / "base"), {"add": str(tmp_path / "bare")})
+    dropped = ExpertPool(str(zoo / "base"), {"add": str(tmp_path / "bare")}, tokenizer="base").task_vectors()
+    assert dropped.added is None and dropped.stacks[EMBED].shape == (1, len(char_tokenizer()), 32)
 
 
 def test_a_lora_output_is_refused_before_training(zoo, tmp_path):
