@@ -213,12 +213,11 @@ class Vocabulary:
             return None
         from transformers import AddedToken
 
-        tokenizer = copy.deepcopy(self.base_tokenizer)
+        tokenizer, seen = copy.deepcopy(self.base_tokenizer), set()
         for expert, kept in self.kept.items():
             decoder = getattr(self.tokenizers[expert], "added_tokens_decoder", {})
-            for token in kept:
-                if token in tokenizer.get_vocab():
-                    continue
+            for token in (t for t in kept if t not in seen):
+                seen.add(token)
                 spec = decoder.get(self.added[expert][token]) or AddedToken(token, special=False)
                 tokenizer.add_tokens([spec], special_tokens=bool(getattr(spec, "special", False)))
         return tokenizer
@@ -245,6 +244,6 @@ class Vocabulary:
 
 
 def mean_row(kept: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], token: str, name: str) -> torch.Tensor:
-    """Tensor ``name``'s row of ``token``: the mean over the experts that added it (fp32 sum, then their dtype)."""
+    """Tensor ``name``'s row of ``token``: the mean over the experts that added it (in fp32, then their dtype)."""
     rows = [by_token[token][name] for by_token in kept.values() if token in by_token]
     return (torch.stack([r.float() for r in rows]).mean(0)).to(rows[0].dtype)
