@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from tiny import task_rows, tiny_expert, tiny_llama, write_zoo
 
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
+ONE_STEP = ["method=adamerging_layer", "trainer.max_steps=1", "trainer.accumulate_grad_batches=1"]
 TASKS = ("add", "rev")
 
 
@@ -202,11 +203,12 @@ class Tree:
 
     def args(self, *extra: str, experts: dict[str, object] | None = None, data: dict[str, object] | None = None,
              output: object = None) -> list[str]:
-        """``python -m adamerge`` arguments for a run on this tree, with ``extra`` overrides."""
+        """``python -m adamerge`` arguments for a run on this tree, with ``extra`` overrides: one step of
+        layer-wise AdaMerging (a fixed method, so that the rows do not depend on the default preset)."""
         experts = {t: self.expert(t) for t in TASKS} if experts is None else experts
         data = {t: self.data(t) for t in TASKS} if data is None else data
         return [f"pool.base={self.base}", *(f"pool.experts.{k}={v}" for k, v in experts.items()),
-                *(f"data.paths.{k}={v}" for k, v in data.items()), *QUIET, "trainer.max_steps=1",
+                *(f"data.paths.{k}={v}" for k, v in data.items()), *QUIET, *ONE_STEP,
                 f"output_dir={self.out if output is None else output}", f"hydra.run.dir={self.run_dir}", *extra]
 
     def with_expert(self, path: object, *extra: str) -> list[str]:
@@ -521,8 +523,7 @@ def template(tmp_path_factory, monkeypatch_module) -> Path:
     write_data_files(root / "data")
     tree = Tree(root)
     for argv in (tree.args(*static(), output=tree.previous),
-                 tree.args("method=adamerging_layer", "trainer.max_steps=1", "trainer.accumulate_grad_batches=1",
-                           "checkpoint.every_n_steps=1", "trainer.enable_checkpointing=true",
+                 tree.args("checkpoint.every_n_steps=1", "trainer.enable_checkpointing=true",
                            f"hydra.run.dir={root / 'trained'}", output=root / "trained" / "merged")):
         result = run_cli(argv, root, monkeypatch_module)
         assert result.code == 0, result.stderr[-3000:]
