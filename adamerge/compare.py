@@ -23,7 +23,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.data import load_task_examples
 from adamerge.evaluate import normalized_accuracy
 from adamerge.granularity import Task
 from adamerge.merged import MergedModel
@@ -34,6 +33,7 @@ from adamerge.run import (
     evaluate_merged,
     evaluate_model,
     is_causal,
+    load_test_sets,
     prepare_task_vectors,
     raw_task_vectors,
     run,
@@ -78,10 +78,8 @@ HALF_WIDTH = "avg 95% +-"
 
 
 def item_counts(eval_cfg: Mapping, causal: bool) -> dict[str, int]:
-    """Items per test task, as ``evaluate_model`` reads them (``eval.limit`` included)."""
-    fields = ["prompt", "answer"] if causal else [eval_cfg.get("field", "text"), eval_cfg.get("label_field", "label")]
-    return {t: len(load_task_examples(p, fields, t, eval_cfg.get("limit")))
-            for t, p in (eval_cfg.get("tests") or {}).items()}
+    """Items per test task, read as evaluation reads them (``eval.limit`` included)."""
+    return {t: len(rows) for t, rows in load_test_sets(eval_cfg, causal).items()}
 
 
 def average_half_width(scores: Mapping[str, float], sizes: Mapping[str, int]) -> float:
