@@ -30,6 +30,7 @@ from adamerge.run import (
     as_dict,
     build_pool,
     build_tokenizer,
+    check_before_loading,
     evaluate_merged,
     evaluate_model,
     is_causal,
@@ -138,6 +139,7 @@ def compare(cfg: DictConfig, run_dir: Path, compose=compose_method) -> dict[str,
     """Evaluate base, experts and every method of ``cfg.compare.methods``; return the table rows."""
     config = as_dict(cfg)
     eval_cfg = config["eval"]
+    check_before_loading({**config, "output_dir": None}, run_dir)  # bad input costs no model load
     pool = build_pool(config["pool"])
     raw = raw_task_vectors(pool, config["pool"])
     tokenizer = build_tokenizer(pool, bool(config["pool"].get("trust_remote_code")))
