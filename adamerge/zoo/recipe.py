@@ -152,10 +152,12 @@ def train_zoo(out: Path, s: ZooSettings, say: Callable[[str], None] = print) -> 
 
 
 def _point_at_base(adapter_dir: Path) -> None:
-    """Name the base in the adapter's config by its path relative to the adapter (``ADAPTER_BASE``)."""
+    """Name the base in the adapter's config by its path relative to the adapter (``ADAPTER_BASE``), and
+    sort its target modules (peft writes a set, whose order changes from process to process)."""
     path = adapter_dir / "adapter_config.json"
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = ADAPTER_BASE
+    config["target_modules"] = sorted(config["target_modules"])
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
