@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
@@ -255,13 +257,29 @@ def run_cli(argv: list[str], cwd: Path, monkeypatch) -> Result:
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["adamerge", *argv])
     out, err, code = io.StringIO(), io.StringIO(), 0
+    sigterm = signal.getsignal(signal.SIGTERM)  # the CLI installs its own; pytest's comes back after
     with redirect_stdout(out), redirect_stderr(err):
         try:
             main()
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
     log = "".join(p.read_text() for p in cwd.rglob("*.log"))
     return Result(code, out.getvalue(), err.getvalue(), log, len(loaded))
+
+
+def signal_during_the_fold(signum: signal.Signals, monkeypatch) -> None:
+    """The process receives ``signum`` while the fold's temporary directory is half written."""
+    import adamerge.export
+
+    save_coefficients = adamerge.export.save_coefficients
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return save_coefficients(*args, **kwargs)
+
+    monkeypatch.setattr(adamerge.export, "save_coefficients", interrupted)
 
 
 def digest_tree(root: Path) -> dict[str, str]:
@@ -277,7 +295,8 @@ class Case:
     """One way of breaking the input: ``argv(tree)``, the expected exit code and phrases of the error line (or,
     for an accepted input, of a warning in the log). ``prepare(tree)`` breaks something on disk first;
     ``loads``: models may be loaded before the error (the error is about what loading reveals);
-    ``check(tree, result)``: anything else to assert."""
+    ``check(tree, result)``: anything else to assert; ``fault``: a signal this process sends itself while
+    the fold is being written (into its temporary directory, after the weights)."""
 
     argv: Callable[[Tree], list[str]]
     phrases: tuple[str, ...]
@@ -285,6 +304,7 @@ class Case:
     prepare: Callable[[Tree], None] | None = None
     loads: bool = False
     check: Callable[[Tree, Result], None] | None = None
+    fault: signal.Signals | None = None
 
 
 def overwrite_into(where: Callable[[Tree], object]) -> Callable[[Tree], list[str]]:
@@ -391,6 +411,14 @@ CASES: dict[str, Case] = {
                                         ("expert name 'a/b' cannot be used",)),
     "stale-temporary look-alikes are kept": Case(lambda t: t.args(*static()), (), code=0, prepare=stale_lookalikes,
                                                  loads=True, check=untouched_lookalikes),
+    "SIGINT during the fold": Case(lambda t: t.args(*static("overwrite=true")),
+                                   ("stopped by SIGINT before the run finished", "earlier one is unchanged"), code=130,
+                                   prepare=lambda t: shutil.copytree(t.previous, t.out), loads=True,
+                                   fault=signal.SIGINT),
+    "SIGTERM during the fold": Case(lambda t: t.args(*static("overwrite=true")),
+                                    ("stopped by SIGTERM before the run finished",), code=143,
+                                    prepare=lambda t: shutil.copytree(t.previous, t.out), loads=True,
+                                    fault=signal.SIGTERM),
     "symlinked output_dir is written through": Case(lambda t: t.args(*static()), (), code=0,
                                                     loads=True, prepare=symlinked_output,
                                                     check=written_through_the_link),
@@ -556,15 +584,18 @@ def test_bad_input(name, template, tmp_path, monkeypatch):
     if case.prepare is not None:
         case.prepare(tree)
     before = digest_tree(tree.root)
+    if case.fault is not None:
+        signal_during_the_fold(case.fault, monkeypatch)
     result = run_cli(case.argv(tree), tree.root, monkeypatch)
 
     assert result.code == case.code, (result.stderr[-3000:], result.stdout[-2000:])
-    if case.code == 2:
+    if case.code != 0:
         line = result.error_line()
         for phrase in case.phrases:
             assert phrase in line, (phrase, line)
-        if not tree.out.is_symlink():
-            assert not tree.out.exists() or before == digest_tree(tree.root) and tree.out.is_dir()
+        inside = f"{tree.out.relative_to(tree.root)}/"
+        written = {path for path in digest_tree(tree.root) if path.startswith(inside)}
+        assert written == {path for path in before if path.startswith(inside)}  # nothing new in output_dir
         assert not list(tree.out.parent.glob(".merged.*")) if tree.out.parent.exists() else True
     else:
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
