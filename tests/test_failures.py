@@ -213,8 +213,7 @@ runpy.run_module("adamerge", run_name="__main__", alter_sys=True)
 
 SCENARIOS: dict[str, Callable[[Lab], object]] = {}
 # chains of processes and long ones go first (the slots serve waiting scenarios in order)
-LONGEST = ("code_like_data", "kill_during_fold", "signal_during_fold", "sweep", "sigint", "sigterm", "straight",
-           "disk_full")
+LONGEST = ("code_like_data", "kill_during_fold", "sweep", "sigint", "sigterm", "straight", "disk_full")
 
 
 def scenario(fn: Callable[[Lab], object]) -> Callable[[Lab], object]:
@@ -451,31 +450,6 @@ def test_kill_during_the_fold_leaves_old_or_new_and_the_next_run_cleans_up(lab):
     nxt = states["next"]
     assert nxt["run"].returncode == 0, nxt["run"].stderr[-3000:]
     assert nxt["siblings"] == [] and nxt["init"] == pytest.approx([0.7, 0.7])
-
-
-@scenario
-def signal_during_fold(lab: Lab) -> dict:
-    """SIGINT, then SIGTERM, while the new fold is being written into its temporary directory."""
-    cwd, output, old = with_previous_output(lab, "signal during fold")
-    states = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        proc = lab.faults("pause-write", cwd / signum.name, overwrite_args(lab, 0.5), output)
-        proc.wait_for(cwd / signum.name / "paused")
-        proc.proc.send_signal(signum)
-        states[signum.name] = {"run": proc.finish(timeout=60), "same as old": snapshot(output) == old,
-                               "siblings": siblings(output)}
-    return states
-
-
-@uses("signal_during_fold")
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_during_the_fold_is_one_line_and_leaves_the_old_output(lab, signum):
-    state = lab("signal_during_fold")[signum.name]
-    run = state["run"]
-    assert run.returncode == 128 + signum, run.stderr[-3000:]
-    assert f"stopped by {signum.name} before the run finished" in run.error_line()
-    assert state["same as old"]  # byte for byte
-    assert state["siblings"] == []  # the temporary directory was removed
 
 
 # ---- 2. SIGINT / SIGTERM: stop after the step, save a resumable checkpoint, exit non-zero --------------------

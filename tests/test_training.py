@@ -307,8 +307,9 @@ def cli(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(zoo16, tmp_path):
     """``trainer.strategy=ddp trainer.devices=2`` at data.batch_size=4 ends where one process at 8
     ends: ranks take interleaved shards of the same (seed, epoch) order, gradients are averaged."""
-    common = [*zoo16.cli_args(), "trainer.max_steps=4", "trainer.accelerator=cpu", "optim.lr=0.05", "logger=none",
-              "trainer.enable_progress_bar=false", "trainer.enable_checkpointing=false"]
+    common = [*zoo16.cli_args(), "method=adamerging_layer", "trainer.accumulate_grad_batches=1", "trainer.max_steps=4",
+              "trainer.accelerator=cpu", "optim.lr=0.05", "logger=none", "trainer.enable_progress_bar=false",
+              "trainer.enable_checkpointing=false"]
     single = cli(tmp_path / "single", [*common, "data.batch_size=8"])
     ddp = cli(tmp_path / "ddp", [*common, "data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp",
                                  "verbose=true"])  # Lightning's info lines say how many processes started
