@@ -532,6 +532,9 @@ CASES: dict[str, Case] = {
     "negative init": Case(lambda t: t.args("granularity.init=-0.5"), ("granularity.init=-0.5", "non-negative"),
                           loads=True),
     "nan init": Case(lambda t: t.args("granularity.init=nan"), ("granularity.init=nan",)),
+    "static merge without data": Case(lambda t: t.args("method=task_arithmetic", "trainer.max_steps=0", data={}),
+                                      ("fold check skipped: no calibration data",), code=0, loads=True,
+                                      check=lambda t, r: (t.out / "model.safetensors").is_file()),
     "objective that rewrites task vectors, offloaded": Case(
         lambda t: t.args("method=doge", "pool.offload=cpu"), ("does not take pool.offload=cpu",)),
 }
