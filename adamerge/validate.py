@@ -30,15 +30,19 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_+@=,-][A-Za-z0-9._+@=,-]{0,99}")
 
 
 @cache
-def known_keys(section: str | None = None) -> frozenset[str]:
-    """Keys the packaged configs define at the top level (``None``) or in a group (every file of it)."""
+def known_keys(group: str | None = None, *path: str) -> frozenset[str]:
+    """Keys the packaged configs define at ``path`` inside ``config.yaml`` (``group=None``) or inside any file
+    of a config group; the top level also knows the groups themselves."""
     conf = resources.files("adamerge.conf")
-    files = [conf / "config.yaml"] if section is None else \
-        [f for f in (conf / section).iterdir() if f.name.endswith(".yaml")]
+    files = [conf / "config.yaml"] if group is None else \
+        [f for f in (conf / group).iterdir() if f.name.endswith(".yaml")]
     keys: set[str] = set()
     for f in files:
-        keys.update(k for k in (yaml.safe_load(f.read_text()) or {}) if k != "defaults")
-    if section is None:
+        node = yaml.safe_load(f.read_text()) or {}
+        for part in path:
+            node = node.get(part) or {}
+        keys.update(k for k in node if k != "defaults")
+    if group is None and not path:
         keys.update(p.name for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_"))
     return frozenset(keys)
 
@@ -52,12 +56,9 @@ def check_known_keys(config: Mapping[str, Any]) -> None:
     for section in ("pool", "data"):
         check_section(config.get(section) or {}, section, known_keys(section))
     preprocess = (config.get("pool") or {}).get("preprocess") or {}
-    allowed = {k for f in (resources.files("adamerge.conf") / "pool").iterdir() if f.name.endswith(".yaml")
-               for k in ((yaml.safe_load(f.read_text()) or {}).get("preprocess") or {})}
-    check_section(preprocess, "pool.preprocess", frozenset(allowed))
-    defaults = yaml.safe_load((resources.files("adamerge.conf") / "config.yaml").read_text())
+    check_section(preprocess, "pool.preprocess", known_keys("pool", "preprocess"))
     for section in ("eval", "checkpoint", "output", "hub"):
-        check_section(config.get(section) or {}, section, frozenset(defaults[section]))
+        check_section(config.get(section) or {}, section, known_keys(None, section))
 
 
 def check_section(values: Mapping[str, Any], where: str, allowed: frozenset[str]) -> None:
