@@ -1,0 +1,203 @@
+"""Closed-form merges from calibration data (``closed_form.method``): RegMean and Fisher merging.
+
+Both solutions are linear in the experts' weights with per-expert matrices that sum to the identity,
+``W* = sum_k M_k W_k``, so ``W* = W0 + sum_k M_k tau_k``: each expert's task vector is replaced by its
+piece ``M_k tau_k`` and the usual merge ``W0 + sum_k c_k tau'_k`` with every ``c_k = 1`` (the presets'
+task granularity, init 1) is the closed form. Learned coefficients then compose on top: a learned run
+with ``closed_form.method`` set starts from (with init 1) and rescales each expert's share of the
+solution, per task, layer or chunk, as it would plain task vectors.
+
+- RegMean (arXiv 2212.09849, "Dataless Knowledge Fusion by Merging Weights of Language Models"):
+  per Linear / Conv1D weight, ``W* = (sum_k G~_k)^-1 sum_k G~_k W_k`` (inputs-first layout) with
+  ``G_k`` the mean Gram matrix of the layer's inputs on expert k's own data and ``G~_k`` its
+  off-diagonal entries scaled by ``alpha``; every other merged tensor is the simple average.
+  Followed: FusionBench (github.com/tanganke/fusion_bench, fusion_bench/method/regmean/regmean.py
+  ``merging_with_regmean_weights``; config/method/regmean/clip_regmean.yaml and gpt2_regmean.yaml:
+  ``reduce_non_diagonal_ratio`` 0.6, 256 examples per expert) and the paper's code
+  (github.com/bloomberg/dataless-model-merging, src/model_merge/avg_merger.py ``regmean_mean_params``).
+  Solved in fp64 with one factorization per layer (``torch.linalg.solve``; the code inverts).
+- Fisher merging (arXiv 2111.09832, "Merging Models with Fisher-Weighted Averaging"): per entry,
+  ``theta* = sum_k w_k F~_k theta_k / sum_k w_k F~_k`` with ``F~_k = F_k + 1e-6`` the diagonal Fisher
+  and, with ``normalize``, ``w_k`` proportional to ``1 / (||F_k|| + 1e-6)`` (the L2 norm over every
+  merged tensor). Followed: FusionBench, fusion_bench/method/fisher_merging/fisher_merging.py
+  ``merging_with_fisher_weights``; config/method/fisher_merging/clip_fisher_merging.yaml
+  (``normalize_fisher_weight: true``, ``minimal_fisher_weight: 1e-6``, 256 examples).
+
+MaTS (arXiv 2312.04339) solves the same linear systems by conjugate gradient from a task-arithmetic
+start and stops early; its result is not linear in the task vectors, so it has no per-expert pieces
+for learned coefficients to act on, and it is not offered here.
+
+Memory while the statistics are gathered: RegMean holds one expert's Gram matrices and their running
+sum (``2 sum in^2`` fp32 over the solved layers, in ``adamerge plan``) and one fp32 ``G~_k tau_k`` per
+expert and layer; Fisher holds one fp32 Fisher per expert and merged tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from adamerge.errors import AdamergeError
+from adamerge.granularity import Task
+from adamerge.merged import MergedModel
+from adamerge.objectives.base import POSITIONS, Objective
+from adamerge.statistics import expert_batches, expert_fisher, expert_grams, is_input_first, linear_layers
+from adamerge.taskvectors import TaskVectors
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "regmean", "fisher")
+
+
+@dataclass(frozen=True)
+class ClosedForm:
+    """``closed_form``: the method, the calibration rows each expert runs (``examples`` of its own
+    task, as ``positions`` says), RegMean's ``alpha``, Fisher merging's ``normalize`` and ``floor``."""
+
+    method: str = "none"
+    examples: int = 256
+    positions: str = "generated"
+    new_tokens: int = 8
+    alpha: float = 0.6
+    normalize: bool = True
+    floor: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise AdamergeError(f"closed_form.method={self.method!r}; choose from {', '.join(METHODS)}")
+        if self.positions not in POSITIONS:
+            raise AdamergeError(f"closed_form.positions={self.positions!r}; choose from {list(POSITIONS)}")
+        if isinstance(self.examples, bool) or not isinstance(self.examples, int) or self.examples < 1:
+            raise AdamergeError(f"closed_form.examples={self.examples!r} must be a whole number >= 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise AdamergeError(f"closed_form.alpha={self.alpha} must be within [0, 1]")
+        if self.floor < 0:
+            raise AdamergeError(f"closed_form.floor={self.floor} must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
+def closed_form_options(cfg: Mapping | None) -> ClosedForm:
+    """``closed_form`` as checked options (a misspelled key is an error that names it)."""
+    try:
+        return ClosedForm(**dict(cfg or {}))
+    except TypeError as e:
+        raise AdamergeError(f"closed_form: {e}") from e
+
+
+def off_diagonal_scaled(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha G + (1 - alpha) diag(G)``: RegMean's shrinkage of the off-diagonal entries towards 0."""
+    return alpha * gram + (1 - alpha) * torch.diag_embed(gram.diagonal())
+
+
+def regmean_pieces(stack: torch.Tensor, products: torch.Tensor, total: torch.Tensor, input_first: bool
+                   ) -> torch.Tensor:
+    """Pieces ``(sum_j G~_j)^-1 G~_k tau_k`` of one layer, in ``stack``'s layout and dtype.
+
+    ``products`` are ``G~_k tau_k`` in the inputs-first layout ``(K, in, out)``, ``total`` is ``sum_j G~_j``.
+    One factorization serves every expert (their right-hand sides side by side).
+    """
+    k, n_in, n_out = products.shape
+    rhs = products.double().permute(1, 0, 2).reshape(n_in, k * n_out)
+    solved, info = torch.linalg.solve_ex(total.double(), rhs)
+    if info.item() != 0:  # an input feature that is 0 on every expert's data: the least-norm solution
+        solved = torch.linalg.pinv(total.double(), hermitian=True) @ rhs
+    pieces = solved.reshape(n_in, k, n_out).permute(1, 0, 2)
+    return (pieces if input_first else pieces.transpose(1, 2)).to(stack.dtype)
+
+
+def inputs_first(tau: torch.Tensor, input_first: bool) -> torch.Tensor:
+    return tau.float() if input_first else tau.float().T
+
+
+def regmean(teacher: MergedModel, stacks: Mapping[str, torch.Tensor], spec: ClosedForm, batches_of
+            ) -> dict[str, torch.Tensor]:
+    """RegMean pieces of every stack: solved for the Linear / Conv1D weights every expert's data
+    reached, ``tau_k / K`` (the simple average) for the other tensors."""
+    layers = linear_layers(teacher.base, stacks)
+    k_experts = len(teacher.experts)
+    totals: dict[str, torch.Tensor] = {}
+    products: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    for k, task in enumerate(teacher.experts):
+        with teacher.as_expert(k):
+            grams = expert_grams(teacher, batches_of(task), layers)
+        for name, gram in grams.items():
+            scaled = off_diagonal_scaled(gram, spec.alpha)
+            totals[name] = totals[name] + scaled if name in totals else scaled
+            tau = inputs_first(stacks[name][k].to(scaled.device), is_input_first(layers[name]))
+            products[name].append(scaled @ tau)
+        del grams
+    solved = {n: regmean_pieces(stacks[n], torch.stack(products[n]).to(stacks[n].device),
+                                totals[n].to(stacks[n].device), is_input_first(layers[n]))
+              for n in layers if len(products[n]) == k_experts}
+    log.info("RegMean: %d linear weights solved from each expert's Gram matrices (alpha %s), %d tensors averaged",
+             len(solved), spec.alpha, len(stacks) - len(solved))
+    return {n: solved[n] if n in solved else s / k_experts for n, s in stacks.items()}
+
+
+def fisher_weights(fishers: list[dict[str, torch.Tensor]], spec: ClosedForm) -> torch.Tensor:
+    """Per-expert weights ``w_k``: 1/K, or with ``normalize`` proportional to ``1 / (||F_k|| + floor)``."""
+    k = len(fishers)
+    if not spec.normalize:
+        return torch.full((k,), 1.0 / k, dtype=torch.float64)
+    norms = torch.stack([torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(f, dtype=torch.float64)
+                                                               for f in fisher.values()]))
+                         for fisher in fishers])
+    inverse = 1.0 / (norms + spec.floor)
+    return inverse / inverse.sum()
+
+
+def fisher_pieces(stack: torch.Tensor, fisher: torch.Tensor, weights: torch.Tensor, floor: float) -> torch.Tensor:
+    """Pieces ``w_k F~_k tau_k / sum_j w_j F~_j`` of one tensor (``fisher`` is ``(K, *shape)``)."""
+    weighted = (fisher.double() + floor) * weights.to(fisher.device).view(-1, *[1] * (fisher.dim() - 1))
+    return (weighted * stack.double() / weighted.sum(0)).to(stack.dtype)
+
+
+def fisher(teacher: MergedModel, stacks: Mapping[str, torch.Tensor], spec: ClosedForm, batches_of
+           ) -> dict[str, torch.Tensor]:
+    """Fisher-merging pieces of every stack."""
+    fishers = []
+    for k, task in enumerate(teacher.experts):
+        with teacher.as_expert(k):
+            fishers.append(expert_fisher(teacher, batches_of(task)))
+    weights = fisher_weights(fishers, spec)
+    log.info("Fisher merging: diagonal Fishers of %d tensors, expert weights %s", len(stacks),
+             [round(w, 4) for w in weights.tolist()])
+    pieces = {}
+    for name, stack in stacks.items():
+        per_expert = torch.stack([f.pop(name) for f in fishers]).to(stack.device)
+        pieces[name] = fisher_pieces(stack, per_expert, weights, spec.floor)
+    return pieces
+
+
+SOLVERS = {"regmean": regmean, "fisher": fisher}
+
+
+def closed_form_task_vectors(tv: TaskVectors, base: nn.Module, data, spec: ClosedForm, tokenizer=None
+                             ) -> TaskVectors:
+    """``tv`` with each expert's task vectors replaced by its piece of the closed-form merge.
+
+    The experts are ``W0 + tau_k`` of ``tv`` (after ``pool.preprocess``), run in teacher mode on their own
+    task's first ``spec.examples`` calibration rows (``data``: a ``TaskDataModule`` whose tasks are the experts).
+    """
+    if data is None:
+        raise AdamergeError(f"closed_form.method={spec.method} needs calibration data: set data.paths.TASK=FILE "
+                            "for each expert")
+    dense = tv.densified(f"closed_form.method={spec.method} solves on dense values")
+    teacher = MergedModel(base, dense, Task(init=0.0))  # teacher mode only: shares the base and the stacks
+    scorer = Objective(positions=spec.positions, new_tokens=spec.new_tokens)
+    scorer.setup(teacher, data, tokenizer)
+
+    def batches_of(task: str):
+        return expert_batches(teacher, data.loader(task), scorer, spec.examples)
+
+    stacks = {n: teacher.stack(n) for n in dense.names}
+    pieces = SOLVERS[spec.method](teacher, stacks, spec, batches_of)
+    out = replace(dense, stacks={n: pieces[n] for n in dense.names}, offloaded=False)
+    return out.offload() if tv.offloaded else out

@@ -1,0 +1,108 @@
+"""Closed-form merges (``closed_form.method``): RegMean is the least-squares merge of a linear layer,
+Fisher merging is its formula over Fishers a plain expert model gives, both run end to end as
+presets, and a learned run composes with them (starting at the closed form with coefficients 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_parts, write_zoo
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from adamerge.closed_form import ClosedForm, closed_form_task_vectors, fisher_weights, regmean
+from adamerge.data import Collator, TaskDataModule
+from adamerge.errors import AdamergeError
+from adamerge.granularity import Task
+from adamerge.merged import MergedModel
+from adamerge.objectives.base import Objective
+from adamerge.statistics import expert_batches, expert_fisher, label_expectation
+from adamerge.taskvectors import TaskVectors
+from adamerge.tensors import describe_tensor
+
+
+class OneLayer(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_regmean_is_the_least_squares_merge_of_a_linear_layer(kind):
+    """With alpha = 1, W* = argmin_W sum_k ||X_k W^T - X_k W_k^T||^2 (equal row counts): torch.linalg.lstsq
+    on the stacked inputs; the bias, not a linear weight, is the simple average."""
+    torch.manual_seed(0)
+    n_in, n_out, rows, experts = 6, 4, 20, ("a", "b", "c")
+    base = OneLayer(nn.Linear(n_in, n_out) if kind == "linear" else Conv1D(n_out, n_in)).double()
+    params = dict(base.named_parameters())
+    stacks = {n: 0.3 * torch.randn(len(experts), *p.shape, dtype=torch.float64) for n, p in params.items()}
+    tv = TaskVectors(list(experts), {n: describe_tensor(base, n, p) for n, p in params.items()}, stacks)
+    teacher = MergedModel(base, tv, Task(init=0.0))
+    inputs = {e: torch.randn(1, rows, n_in, dtype=torch.float64) * torch.rand(n_in, dtype=torch.float64) * 3
+              for e in experts}
+    pieces = regmean(teacher, stacks, ClosedForm(method="regmean", alpha=1.0),
+                     lambda task: [({"x": inputs[task]}, torch.ones(rows, 1, dtype=torch.bool))])
+
+    def as_out_in(w: torch.Tensor) -> torch.Tensor:
+        return w.T if kind == "conv1d" else w
+
+    w0 = params["proj.weight"].detach()
+    xs = torch.cat([inputs[e][0] for e in experts])
+    targets = torch.cat([inputs[e][0] @ as_out_in(w0 + stacks["proj.weight"][k]).T for k, e in enumerate(experts)])
+    expected = torch.linalg.lstsq(xs, targets).solution.T
+    merged = as_out_in(w0 + pieces["proj.weight"].sum(0))
+    assert torch.allclose(merged, expected, atol=1e-5), (merged - expected).abs().max()
+    assert torch.allclose(pieces["proj.bias"].sum(0), stacks["proj.bias"].mean(0))
+    plain_average = as_out_in(w0 + stacks["proj.weight"].mean(0))
+    assert (merged - plain_average).abs().max() > 1e-2  # the solve did something the average does not
+
+
+def test_fisher_merge_is_its_formula_over_a_plain_experts_fisher():
+    """The teacher-mode Fisher equals the squared gradients of a plain folded expert; the merge is
+    sum_k w_k (F_k + eps) theta_k / sum_k w_k (F_k + eps) with w_k ~ 1 / (||F_k|| + eps)."""
+    parts = tiny_parts()
+    data = TaskDataModule(parts.rows, Collator(parts.tokenizer), batch_size=4, shuffle=False)
+    spec = ClosedForm(method="fisher", examples=8, positions="last")
+    teacher = MergedModel(parts.pool.base, parts.task_vectors, Task(init=0.0))
+    scorer = Objective(positions="last")
+    scorer.setup(teacher, data, parts.tokenizer)
+    fishers = []
+    for task in teacher.experts:
+        with teacher.as_expert(task):
+            fishers.append(expert_fisher(teacher, expert_batches(teacher, data.loader(task), scorer, 8)))
+            plain = teacher.fold().requires_grad_(True)
+        expected = {n: torch.zeros_like(p) for n, p in plain.named_parameters()}
+        for inputs, scored in expert_batches(plain, data.loader(task), scorer, 8):
+            plain.zero_grad()
+            label_expectation(plain(**inputs).logits[:, -1:], scored).backward()
+            for n, p in plain.named_parameters():
+                expected[n] += p.grad.square()
+        for n in teacher.names:
+            assert torch.allclose(fishers[-1][n], expected[n] / 8, rtol=1e-4, atol=1e-10), n
+        assert all(fishers[-1][n].max() > 0 for n in teacher.names if "layers" in n)
+    tv = closed_form_task_vectors(parts.task_vectors, parts.pool.base, data, spec, parts.tokenizer)
+    w = fisher_weights(fishers, spec)
+    norms = torch.stack([torch.cat([f.flatten() for f in fisher.values()]).double().norm() for fisher in fishers])
+    assert torch.allclose(w, (1 / (norms + 1e-6)) / (1 / (norms + 1e-6)).sum())
+    for n in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
+        w0 = parts.pool.base.get_parameter(n).detach().double()
+        thetas = [w0 + parts.task_vectors.stacks[n][k].double() for k in range(2)]
+        num = sum(w[k] * (fishers[k][n].double() + 1e-6) * thetas[k] for k in range(2))
+        den = sum(w[k] * (fishers[k][n].double() + 1e-6) for k in range(2))
+        assert torch.allclose(w0 + tv.stacks[n].double().sum(0), num / den, atol=1e-6), n
+        assert not torch.allclose(num / den, (thetas[0] + thetas[1]) / 2, atol=1e-4)  # not the plain average
+
+
+def test_closed_form_options_are_checked():
+    with pytest.raises(AdamergeError, match="closed_form.method='regmeen'"):
+        ClosedForm(method="regmeen")
+    with pytest.raises(AdamergeError, match="closed_form.alpha"):
+        ClosedForm(method="regmean", alpha=1.5)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return write_zoo(tmp_path_factory.mktemp("closed_form_zoo"))
