@@ -1,0 +1,121 @@
+"""Gradient-free search (``search=cma``, adamerge/search.py): CMA-ES over a granularity's coefficients finds a
+known optimum, never ends worse than its start, is reproducible for a seed, reads MERGE³'s reduced subsets
+deterministically and refuses search spaces it cannot learn with one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_parts
+
+from adamerge.errors import AdamergeError
+from adamerge.granularity import Layer, Task
+from adamerge.merged import MergedModel
+from adamerge.objectives import Entropy
+from adamerge.search import (
+    SearchOptions,
+    cma_search,
+    coefficient_count,
+    objective_fitness,
+    reduced_indices,
+    reduced_rows,
+    search_options,
+)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_parts()
+
+
+def task_merge(parts, init: float = 0.3) -> MergedModel:
+    return MergedModel(parts.pool.base, parts.task_vectors, Task(init=init))
+
+
+def distance_to(merged: MergedModel, target: torch.Tensor):
+    """A fitness whose optimum is known: the squared distance of the task coefficients to ``target``."""
+    return lambda: float(((merged.granularity.table()["task"][:, 0] - target) ** 2).sum())
+
+
+def test_cma_finds_known_coefficients(parts):
+    merged, target = task_merge(parts), torch.tensor([0.1, 0.8])
+    result = cma_search(merged, distance_to(merged, target), SearchOptions(max_evals=300), seed=0)
+    found = merged.granularity.table()["task"][:, 0]
+    assert result.initial == pytest.approx(0.29)  # (0.3 - 0.1)^2 + (0.3 - 0.8)^2
+    assert result.best < 1e-4 < result.initial
+    assert torch.allclose(found, target, atol=0.01)
+    assert result.best == pytest.approx(distance_to(merged, target)())  # the best candidate is left in the model
+    assert [g.generation for g in result.history] == list(range(len(result.history)))
+    so_far = [g.best_so_far for g in result.history]
+    assert so_far[0] == result.initial and so_far == sorted(so_far, reverse=True) and so_far[-1] == result.best
+    # the start, then the budget, checked after each generation of 6 candidates (4 + 3 ln 2)
+    assert 300 <= result.evaluations - 1 <= 300 + 6
+
+
+def test_the_search_is_reproducible_for_a_seed(parts):
+    target = torch.tensor([0.6, 0.2])
+
+    def searched(seed: int) -> torch.Tensor:
+        merged = task_merge(parts)
+        cma_search(merged, distance_to(merged, target), SearchOptions(max_evals=12), seed=seed)
+        return merged.granularity.table()["task"]
+
+    assert torch.equal(searched(3), searched(3))
+    assert not torch.equal(searched(3), searched(4))
+
+
+def test_objective_fitness_search_ends_no_worse_than_its_start(parts):
+    merged = task_merge(parts)
+    from adamerge.data import Collator, TaskDataModule
+
+    data = TaskDataModule(parts.rows, Collator(parts.tokenizer), batch_size=4, shuffle=False)
+    fitness = objective_fitness(merged, Entropy(), data, parts.tokenizer, size=None, seed=0)
+    start = fitness()
+    assert start == fitness()  # one number per candidate: eval mode, fixed batches
+    result = cma_search(merged, fitness, SearchOptions(max_evals=12, popsize=4), seed=0)
+    assert result.initial == start and result.best <= start
+    assert fitness() == pytest.approx(result.best)
+
+
+def test_reduced_subset_is_a_seeded_sample():
+    picked = reduced_indices(100, 20, seed=7)
+    assert picked == reduced_indices(100, 20, seed=7)
+    assert len(set(picked)) == 20 and picked == sorted(picked) and all(0 <= i < 100 for i in picked)
+    assert picked != reduced_indices(100, 20, seed=8)
+    assert reduced_indices(10, 20, seed=7) == list(range(10)) == reduced_indices(10, None, seed=7)
+    rows = {"a": [{"i": i} for i in range(100)], "b": [{"i": i} for i in range(5)]}
+    reduced = reduced_rows(rows, 20, seed=7)
+    assert [r["i"] for r in reduced["a"]] == picked and reduced["b"] == rows["b"]
+
+
+def test_too_many_coefficients_are_refused_with_one_line(parts):
+    merged = MergedModel(parts.pool.base, parts.task_vectors, Layer(init=0.3))
+    n = coefficient_count(merged)
+    assert n == 2 * len(parts.task_vectors.names)  # one per expert and tensor
+
+    def never():
+        raise AssertionError("no candidate may be scored")
+
+    with pytest.raises(AdamergeError, match=rf"over {n} coefficients .*max_coefficients={n - 1}") as error:
+        cma_search(merged, never, SearchOptions(max_coefficients=n - 1))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"sigma0": 0}, "search.sigma0=0 must be a finite number > 0"),
+    ({"subset": 0}, "search.subset=0 must be an integer >= 1 or null"),
+    ({"fitness": "loss"}, "search.fitness='loss'; choose from"),
+    ({"bounds": [0.0]}, "search.bounds"),
+    ({"popsize": 1}, "search.popsize=1"),
+    ({"sigam0": 0.1}, "search: .*sigam0"),
+    ({"fitness": "harness"}, "search.fitness=harness .* eval.harness.tasks"),
+    ({"name": "ga"}, "search='ga' is unknown"),
+])
+def test_bad_search_options_are_one_line_errors(section, message):
+    with pytest.raises(AdamergeError, match=message):
+        search_options({"search": {"name": "cma", **section}})
+
+
+def test_search_none_is_a_gradient_run():
+    assert search_options({"search": {"name": "none"}}) is None
+    assert search_options({}) is None
