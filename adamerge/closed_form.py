@@ -1,11 +1,12 @@
-"""Closed-form merges from calibration data (``closed_form.method``): RegMean and Fisher merging.
+"""Closed-form merges from calibration data (``closed_form.method``): RegMean, MaTS and Fisher merging.
 
-Both solutions are linear in the experts' weights with per-expert matrices that sum to the identity,
+RegMean and Fisher merging are linear in the experts' weights with per-expert matrices that sum to the identity,
 ``W* = sum_k M_k W_k``, so ``W* = W0 + sum_k M_k tau_k``: each expert's task vector is replaced by its
 piece ``M_k tau_k`` and the usual merge ``W0 + sum_k c_k tau'_k`` with every ``c_k = 1`` (the presets'
 task granularity, init 1) is the closed form. Learned coefficients then compose on top: a learned run
 with ``closed_form.method`` set starts from (with init 1) and rescales each expert's share of the
-solution, per task, layer or chunk, as it would plain task vectors.
+solution, per task, layer or chunk, as it would plain task vectors. The statistics come from
+``adamerge/statistics.py``.
 
 - RegMean (arXiv 2212.09849, "Dataless Knowledge Fusion by Merging Weights of Language Models"):
   per Linear / Conv1D weight, ``W* = (sum_k G~_k)^-1 sum_k G~_k W_k`` (inputs-first layout) with
@@ -23,9 +24,14 @@ solution, per task, layer or chunk, as it would plain task vectors.
   ``merging_with_fisher_weights``; config/method/fisher_merging/clip_fisher_merging.yaml
   (``normalize_fisher_weight: true``, ``minimal_fisher_weight: 1e-6``, 256 examples).
 
-MaTS (arXiv 2312.04339) solves the same linear systems by conjugate gradient from a task-arithmetic
-start and stops early; its result is not linear in the task vectors, so it has no per-expert pieces
-for learned coefficients to act on, and it is not offered here.
+- MaTS (arXiv 2312.04339, "Merging by Matching Models in Task Parameter Subspaces") with the RegMean
+  objective: the same systems solved by conjugate gradient from a task-arithmetic start, stopped after
+  ``iterations`` steps. Followed: github.com/r-three/mats, src/merging/conjugateGradient_fisherMerging.py
+  ``cg_forward`` and the README's full-model command (``--model_lambda 1.0``, so alpha 1,
+  ``--num_iterations 100``, initialization: task vectors with lambda 0.3); other tensors averaged. Its
+  result is not linear in the task vectors, so its pieces are the merged delta split evenly, ``D / K``:
+  learned coefficients on top rescale the whole solution, not one expert's share of it. The blockwise
+  Fisher objective (output-gradient Gram matrices too) needs statistics not gathered here.
 
 Memory while the statistics are gathered: RegMean holds one expert's Gram matrices and their running
 sum (``2 sum in^2`` fp32 over the solved layers, in ``adamerge plan``) and one fp32 ``G~_k tau_k`` per
@@ -50,19 +56,22 @@ from adamerge.taskvectors import TaskVectors
 
 log = logging.getLogger(__name__)
 
-METHODS = ("none", "regmean", "fisher")
+METHODS = ("none", "regmean", "mats", "fisher")
 
 
 @dataclass(frozen=True)
 class ClosedForm:
     """``closed_form``: the method, the calibration rows each expert runs (``examples`` of its own
-    task, as ``positions`` says), RegMean's ``alpha``, Fisher merging's ``normalize`` and ``floor``."""
+    task, as ``positions`` says), RegMean's and MaTS's ``alpha``, MaTS's ``iterations`` and
+    ``init_scale`` (task arithmetic's lambda for the start), Fisher merging's ``normalize`` and ``floor``."""
 
     method: str = "none"
     examples: int = 256
     positions: str = "generated"
     new_tokens: int = 8
     alpha: float = 0.6
+    iterations: int = 100
+    init_scale: float = 0.3
     normalize: bool = True
     floor: float = 1e-6
 
@@ -75,6 +84,8 @@ class ClosedForm:
             raise AdamergeError(f"closed_form.examples={self.examples!r} must be a whole number >= 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise AdamergeError(f"closed_form.alpha={self.alpha} must be within [0, 1]")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise AdamergeError(f"closed_form.iterations={self.iterations!r} must be a whole number >= 0")
         if self.floor < 0:
             raise AdamergeError(f"closed_form.floor={self.floor} must be >= 0")
 
@@ -116,29 +127,90 @@ def inputs_first(tau: torch.Tensor, input_first: bool) -> torch.Tensor:
     return tau.float() if input_first else tau.float().T
 
 
-def regmean(teacher: MergedModel, stacks: Mapping[str, torch.Tensor], spec: ClosedForm, batches_of
-            ) -> dict[str, torch.Tensor]:
-    """RegMean pieces of every stack: solved for the Linear / Conv1D weights every expert's data
-    reached, ``tau_k / K`` (the simple average) for the other tensors."""
+@dataclass
+class GramSystems:
+    """RegMean's linear systems per solved layer: ``totals[n] = sum_k G~_k`` and ``products[n][k] = G~_k tau_k``
+    (inputs-first layout), for the Linear / Conv1D weights every expert's data reached."""
+
+    layers: dict[str, nn.Module]
+    totals: dict[str, torch.Tensor]
+    products: dict[str, torch.Tensor]
+
+
+def gram_systems(teacher: MergedModel, stacks: Mapping[str, torch.Tensor], alpha: float, batches_of) -> GramSystems:
+    """One expert at a time: its Gram matrices, off-diagonal scaled, added to the running sum and
+    multiplied into its task vector, then dropped."""
     layers = linear_layers(teacher.base, stacks)
-    k_experts = len(teacher.experts)
     totals: dict[str, torch.Tensor] = {}
     products: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     for k, task in enumerate(teacher.experts):
         with teacher.as_expert(k):
             grams = expert_grams(teacher, batches_of(task), layers)
         for name, gram in grams.items():
-            scaled = off_diagonal_scaled(gram, spec.alpha)
+            scaled = off_diagonal_scaled(gram, alpha)
             totals[name] = totals[name] + scaled if name in totals else scaled
             tau = inputs_first(stacks[name][k].to(scaled.device), is_input_first(layers[name]))
             products[name].append(scaled @ tau)
         del grams
-    solved = {n: regmean_pieces(stacks[n], torch.stack(products[n]).to(stacks[n].device),
-                                totals[n].to(stacks[n].device), is_input_first(layers[n]))
-              for n in layers if len(products[n]) == k_experts}
+    solved = [n for n in layers if len(products[n]) == len(teacher.experts)]
+    return GramSystems({n: layers[n] for n in solved}, {n: totals[n] for n in solved},
+                       {n: torch.stack(products[n]) for n in solved})
+
+
+def regmean(teacher: MergedModel, stacks: Mapping[str, torch.Tensor], spec: ClosedForm, batches_of
+            ) -> dict[str, torch.Tensor]:
+    """RegMean pieces of every stack: solved for the Linear / Conv1D weights every expert's data
+    reached, ``tau_k / K`` (the simple average) for the other tensors."""
+    systems = gram_systems(teacher, stacks, spec.alpha, batches_of)
+    solved = {n: regmean_pieces(stacks[n], systems.products[n].to(stacks[n].device),
+                                systems.totals[n].to(stacks[n].device), is_input_first(layer))
+              for n, layer in systems.layers.items()}
     log.info("RegMean: %d linear weights solved from each expert's Gram matrices (alpha %s), %d tensors averaged",
              len(solved), spec.alpha, len(stacks) - len(solved))
-    return {n: solved[n] if n in solved else s / k_experts for n, s in stacks.items()}
+    return {n: solved[n] if n in solved else s / len(teacher.experts) for n, s in stacks.items()}
+
+
+def conjugate_gradient(matrix: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, iterations: int,
+                       rtol: float = 1e-5) -> torch.Tensor:
+    """``matrix @ X = rhs`` by conjugate gradient from ``start``, at most ``iterations`` steps, on the
+    flattened system with Frobenius inner products (what MaTS's scipy ``cg`` over the flattened weight
+    does; it stops once ``||residual|| <= rtol ||rhs||``, scipy's default)."""
+    x = start.clone()
+    residual = rhs - matrix @ x
+    direction, norm_sq = residual.clone(), residual.square().sum()
+    stop = (rtol * torch.linalg.vector_norm(rhs)) ** 2
+    for _ in range(iterations):
+        if norm_sq <= stop:
+            break
+        product = matrix @ direction
+        step = norm_sq / (direction * product).sum()
+        x += step * direction
+        residual -= step * product
+        new_norm_sq = residual.square().sum()
+        direction = residual + (new_norm_sq / norm_sq) * direction
+        norm_sq = new_norm_sq
+    return x
+
+
+def mats(teacher: MergedModel, stacks: Mapping[str, torch.Tensor], spec: ClosedForm, batches_of
+         ) -> dict[str, torch.Tensor]:
+    """MaTS pieces with the RegMean objective: per solved layer, ``iterations`` conjugate-gradient steps on
+    ``(sum_k G~_k) D = sum_k G~_k tau_k`` from task arithmetic ``D0 = init_scale sum_k tau_k`` (CG on the
+    weights ``W = W0 + D`` takes the same steps); the result is split evenly, ``D / K`` per expert. Other
+    tensors: the simple average."""
+    systems = gram_systems(teacher, stacks, spec.alpha, batches_of)
+    k_experts, pieces = len(teacher.experts), {}
+    for name, layer in systems.layers.items():
+        stack, first = stacks[name], is_input_first(layer)
+        start = inputs_first(stack.sum(0), first).double() * spec.init_scale
+        delta = conjugate_gradient(systems.totals[name].double(), systems.products[name].double().sum(0).to(
+            start.device), start.to(systems.totals[name].device), spec.iterations)
+        delta = delta.to(stack.device) if first else delta.T.to(stack.device)
+        pieces[name] = (delta / k_experts).to(stack.dtype).expand_as(stack).clone()
+    log.info("MaTS: %d linear weights from %d conjugate-gradient steps (alpha %s, start: task arithmetic %s), "
+             "%d tensors averaged", len(pieces), spec.iterations, spec.alpha, spec.init_scale,
+             len(stacks) - len(pieces))
+    return {n: pieces[n] if n in pieces else s / k_experts for n, s in stacks.items()}
 
 
 def fisher_weights(fishers: list[dict[str, torch.Tensor]], spec: ClosedForm) -> torch.Tensor:
@@ -176,7 +248,7 @@ def fisher(teacher: MergedModel, stacks: Mapping[str, torch.Tensor], spec: Close
     return pieces
 
 
-SOLVERS = {"regmean": regmean, "fisher": fisher}
+SOLVERS = {"regmean": regmean, "mats": mats, "fisher": fisher}
 
 
 def closed_form_task_vectors(tv: TaskVectors, base: nn.Module, data, spec: ClosedForm, tokenizer=None

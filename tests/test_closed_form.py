@@ -10,7 +10,7 @@ from tiny import tiny_parts, write_zoo
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adamerge.closed_form import ClosedForm, closed_form_task_vectors, fisher_weights, regmean
+from adamerge.closed_form import ClosedForm, closed_form_task_vectors, fisher_weights, mats, regmean
 from adamerge.data import Collator, TaskDataModule
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Task
@@ -30,34 +30,56 @@ class OneLayer(nn.Module):
         return self.proj(x)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_regmean_is_the_least_squares_merge_of_a_linear_layer(kind):
-    """With alpha = 1, W* = argmin_W sum_k ||X_k W^T - X_k W_k^T||^2 (equal row counts): torch.linalg.lstsq
-    on the stacked inputs; the bias, not a linear weight, is the simple average."""
+def one_layer_pool(kind: str, n_in: int = 6, n_out: int = 4, rows: int = 20):
+    """A Linear or Conv1D layer as base, three experts (random task vectors) and each one's inputs."""
     torch.manual_seed(0)
-    n_in, n_out, rows, experts = 6, 4, 20, ("a", "b", "c")
+    experts = ("a", "b", "c")
     base = OneLayer(nn.Linear(n_in, n_out) if kind == "linear" else Conv1D(n_out, n_in)).double()
     params = dict(base.named_parameters())
     stacks = {n: 0.3 * torch.randn(len(experts), *p.shape, dtype=torch.float64) for n, p in params.items()}
     tv = TaskVectors(list(experts), {n: describe_tensor(base, n, p) for n, p in params.items()}, stacks)
-    teacher = MergedModel(base, tv, Task(init=0.0))
     inputs = {e: torch.randn(1, rows, n_in, dtype=torch.float64) * torch.rand(n_in, dtype=torch.float64) * 3
               for e in experts}
-    pieces = regmean(teacher, stacks, ClosedForm(method="regmean", alpha=1.0),
-                     lambda task: [({"x": inputs[task]}, torch.ones(rows, 1, dtype=torch.bool))])
 
-    def as_out_in(w: torch.Tensor) -> torch.Tensor:
-        return w.T if kind == "conv1d" else w
+    def batches_of(task: str):
+        return [({"x": inputs[task]}, torch.ones(rows, 1, dtype=torch.bool))]
 
-    w0 = params["proj.weight"].detach()
-    xs = torch.cat([inputs[e][0] for e in experts])
-    targets = torch.cat([inputs[e][0] @ as_out_in(w0 + stacks["proj.weight"][k]).T for k, e in enumerate(experts)])
+    return MergedModel(base, tv, Task(init=0.0)), stacks, inputs, batches_of
+
+
+def out_in(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """A weight in nn.Linear's (out, in) layout (Conv1D stores (in, out))."""
+    return w.T if kind == "conv1d" else w
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_regmean_is_the_least_squares_merge_of_a_linear_layer(kind):
+    """With alpha = 1, W* = argmin_W sum_k ||X_k W^T - X_k W_k^T||^2 (equal row counts): torch.linalg.lstsq
+    on the stacked inputs; the bias, not a linear weight, is the simple average."""
+    teacher, stacks, inputs, batches_of = one_layer_pool(kind)
+    pieces = regmean(teacher, stacks, ClosedForm(method="regmean", alpha=1.0), batches_of)
+    w0 = teacher.base.proj.weight.detach()
+    xs = torch.cat([x[0] for x in inputs.values()])
+    targets = torch.cat([x[0] @ out_in(w0 + stacks["proj.weight"][k], kind).T for k, x in enumerate(inputs.values())])
     expected = torch.linalg.lstsq(xs, targets).solution.T
-    merged = as_out_in(w0 + pieces["proj.weight"].sum(0))
+    merged = out_in(w0 + pieces["proj.weight"].sum(0), kind)
     assert torch.allclose(merged, expected, atol=1e-5), (merged - expected).abs().max()
     assert torch.allclose(pieces["proj.bias"].sum(0), stacks["proj.bias"].mean(0))
-    plain_average = as_out_in(w0 + stacks["proj.weight"].mean(0))
+    plain_average = out_in(w0 + stacks["proj.weight"].mean(0), kind)
     assert (merged - plain_average).abs().max() > 1e-2  # the solve did something the average does not
+
+
+def test_mats_starts_at_task_arithmetic_and_its_conjugate_gradient_reaches_regmean():
+    teacher, stacks, _, batches_of = one_layer_pool("linear")
+    tau = stacks["proj.weight"]
+    start = mats(teacher, stacks, ClosedForm(method="mats", alpha=0.6, iterations=0), batches_of)
+    assert torch.allclose(start["proj.weight"].sum(0), 0.3 * tau.sum(0))
+    assert torch.allclose(start["proj.weight"][0], start["proj.weight"][1])  # the delta split evenly
+    solved = mats(teacher, stacks, ClosedForm(method="mats", alpha=0.6, iterations=50), batches_of)
+    exact = regmean(teacher, stacks, ClosedForm(method="regmean", alpha=0.6), batches_of)
+    assert torch.allclose(solved["proj.weight"].sum(0), exact["proj.weight"].sum(0), atol=1e-4)
+    two_steps = mats(teacher, stacks, ClosedForm(method="mats", alpha=0.6, iterations=2), batches_of)
+    assert not torch.allclose(two_steps["proj.weight"].sum(0), exact["proj.weight"].sum(0), atol=1e-3)
 
 
 def test_fisher_merge_is_its_formula_over_a_plain_experts_fisher():
