@@ -6,6 +6,7 @@ from adamerge.objectives.ce import CrossEntropy
 from adamerge.objectives.dam import Dam
 from adamerge.objectives.entropy import Entropy
 from adamerge.objectives.projected import Projected
+from adamerge.objectives.wudi import Wudi
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "entropy": Entropy,
@@ -13,6 +14,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "dam": Dam,
     "ce": CrossEntropy,
     "projected": Projected,
+    "wudi": Wudi,
 }
 
-__all__ = ["OBJECTIVES", "Align", "CrossEntropy", "Dam", "Entropy", "Objective", "Projected"]
+__all__ = ["OBJECTIVES", "Align", "CrossEntropy", "Dam", "Entropy", "Objective", "Projected", "Wudi"]

@@ -1,0 +1,117 @@
+"""WUDI-Merging (arXiv 2503.08099, "Whoever Started the Interference Should End It"): data-free.
+
+The task vectors of a linear layer approximately span the inputs that layer saw while its expert was
+fine-tuned, so the interference a merged delta ``tau_m`` causes on task k's inputs is measured on
+``tau_k``'s own rows. Per 2-D matrix:
+
+    L_p = sum_k ||(tau_m - tau_k) tau_k^T||_F^2 / ||tau_k||_F^2
+
+The paper optimizes ``tau_m`` itself, so here the trainable state is one merged delta per matrix (an
+objective's own tensors, as DOGE's deltas), started at ``sum_k tau_k`` and moved by Adam; the
+coefficients stay frozen at their init and merge every other tensor (the preset: 1/K, the code's
+average). Code followed: FusionBench (github.com/tanganke/fusion_bench, fusion_bench/method/wudi/wudi.py,
+the authors' loss, init and Adam lr 1e-5 of github.com/nathanielyvo/WUDI-Merging). Adam's update does
+not depend on the loss's scale per tensor, so one loss summed over the matrices and one optimizer step
+equal the code's separate per-matrix loops run side by side.
+
+``finish`` writes ``tau_k + (tau_m - sum_j c_j tau_j) / sum_j c_j`` as expert k's task vector, so the
+fold of the frozen coefficients gives exactly ``W0 + tau_m``, and a learned run continued on the same
+merged model (AdaMerging on WUDI-adjusted task vectors) starts from the WUDI merge. Where a matrix has
+fewer columns than rows the loss reads the ``(cols x cols)`` Gram ``tau_k^T tau_k`` instead of the
+``(rows x rows)`` product (the same value: ``||D tau^T||^2 = <D tau^T tau, D>``), so an embedding's
+vocabulary rows cost nothing extra.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from adamerge.errors import AdamergeError
+from adamerge.objectives.base import Objective
+
+
+def interference(merged_delta: torch.Tensor, stack: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_k ||(tau_m - tau_k) tau_k^T||_F^2 / ||tau_k||_F^2`` for one ``(K, rows, cols)`` stack; an expert
+    that left the matrix unchanged (``tau_k = 0``) adds nothing. ``gram``: ``tau_k^T tau_k`` per expert."""
+    gap = merged_delta - stack
+    if gram is None:
+        per_expert = (gap @ stack.transpose(1, 2)).pow(2).flatten(1).sum(1)
+    else:
+        per_expert = ((gap @ gram) * gap).flatten(1).sum(1)
+    sq_norms = stack.flatten(1).pow(2).sum(1)
+    return torch.where(sq_norms > 0, per_expert / sq_norms.clamp(min=torch.finfo(sq_norms.dtype).tiny), 0).sum()
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "/")
+
+
+class Wudi(Objective):
+    """Args: exclude (globs over tensor names kept out of the optimization, as the code's exclude_keys;
+    they are merged by the coefficients)."""
+
+    needs_data = False
+    supports_offload = False  # it rewrites the task vectors themselves, next to the coefficients
+
+    def __init__(self, exclude: Sequence[str] = (), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.exclude = list(exclude)
+        self.merged_deltas = nn.ParameterDict()
+        self.grams: dict[str, torch.Tensor] = {}
+        self.names: list[str] = []
+
+    def optimized(self, merged, name: str) -> bool:
+        """A 2-D matrix not excluded: what the code optimizes (every other tensor keeps the coefficients)."""
+        return merged.granularity.infos[name].kind == "matrix" and len(merged.granularity.infos[name].shape) == 2 \
+            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude)
+
+    def setup(self, merged, data, tokenizer=None) -> None:
+        merged.granularity.requires_grad_(False)
+        self.names = [n for n in merged.names if self.optimized(merged, n)]
+        if not self.names:
+            raise AdamergeError("objective=wudi found no 2-D matrix to optimize (all excluded by objective.exclude?)")
+        for name in self.names:
+            stack = merged.stack(name).float()
+            self.merged_deltas[_key(name)] = nn.Parameter(stack.sum(0))
+            if stack.shape[2] < stack.shape[1]:
+                self.grams[name] = stack.transpose(1, 2) @ stack
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return list(self.merged_deltas.values())
+
+    def task_loss(self, merged, task: str, batch) -> torch.Tensor:
+        losses = [interference(self.merged_deltas[_key(n)], merged.stack(n).float(), self.grams.get(n))
+                  for n in self.names]
+        return torch.stack(losses).sum()
+
+    @torch.no_grad()
+    def finish(self, merged) -> None:
+        """Each expert's task vector shifted by its share of ``tau_m - sum_j c_j tau_j``, so that the frozen
+        coefficients fold to ``W0 + tau_m``."""
+        for name in self.names:
+            stack, coef = merged.stack(name), merged.granularity.broadcast(name).float()
+            total = coef.sum(0)
+            if not torch.all(total != 0):
+                raise AdamergeError(f"objective=wudi: the coefficients of {name!r} sum to 0, so tau_m cannot be "
+                                    "written as task vectors; start them elsewhere (granularity.init)")
+            residual = self.merged_deltas[_key(name)] - (coef * stack.float()).sum(0)
+            merged.replace_stack(name, (stack.float() + residual / total).to(stack.dtype))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{self.state_prefix}merged_delta.{key.replace('/', '.')}": d.detach()
+                for key, d in self.merged_deltas.items()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, merged, tensors) -> None:
+        """Rebuild the adjusted task vectors from the saved merged deltas ``tau_m``."""
+        self.setup(merged, None)
+        for key, delta in self.merged_deltas.items():
+            saved = tensors.get(f"{self.state_prefix}merged_delta.{key.replace('/', '.')}")
+            if saved is None:
+                raise AdamergeError(f"the saved coefficients hold no WUDI merged delta for {key.replace('/', '.')!r}")
+            delta.copy_(saved)
+        self.finish(merged)

@@ -1,0 +1,122 @@
+"""WUDI-Merging, FW-Merging and Sens-Merging as their papers define them: each pinned against a few lines of
+reference written here, on the tiny zoo, plus one learned run composed on top of each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import build_module, quiet_trainer, tiny_parts
+from torch import nn
+
+from adamerge import Layer, MergedModel
+from adamerge.data import DataFree
+from adamerge.objectives import Wudi
+from adamerge.objectives.wudi import interference
+from adamerge.pool import ExpertPool
+from adamerge.training import MergeModule
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_parts()
+
+
+def fit_steps(module: MergeModule, steps: int, data=None) -> None:
+    quiet_trainer(steps).fit(module, datamodule=data or DataFree(steps))
+
+
+# ---- WUDI-Merging ---------------------------------------------------------------------------------------
+
+
+def wudi_reference(merged_delta: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """The code's loss: sum((tau_m - tau_k) @ tau_k^T)^2 / ||tau_k||^2, summed over k."""
+    total = torch.zeros(())
+    for tau in stack:
+        total = total + ((merged_delta - tau) @ tau.T).pow(2).sum() / tau.pow(2).sum()
+    return total
+
+
+def wudi_model(parts, init="uniform") -> tuple[MergedModel, Wudi]:
+    merged = MergedModel(parts.pool.base, parts.task_vectors, Layer(init=init))
+    objective = Wudi()
+    objective.setup(merged, None)
+    return merged, objective
+
+
+def test_wudi_loss_is_its_formula_and_decreases(parts):
+    merged, objective = wudi_model(parts)
+    assert set(objective.names) == {n for n in merged.names if merged.stack(n).dim() == 3}
+    assert "model.layers.0.mlp.up_proj.weight" in objective.grams  # (64, 32): the cheaper Gram side
+    assert "model.layers.0.mlp.down_proj.weight" not in objective.grams  # (32, 64): the direct product
+    with torch.no_grad():
+        for delta in objective.merged_deltas.values():  # away from the init, where the loss is not trivial
+            delta.mul_(0.5)
+    loss = objective.task_loss(merged, "all", {})
+    reference = sum(wudi_reference(objective.merged_deltas[n.replace(".", "/")].detach(), merged.stack(n))
+                    for n in objective.names)
+    torch.testing.assert_close(loss.detach(), reference, rtol=1e-4, atol=0)
+    module = MergeModule(merged, objective, {"name": "adam", "lr": 1e-3})
+    assert set(module.trainable()) == {f"extra.{i}" for i in range(len(objective.names))}  # coefficients frozen
+    fit_steps(module, 5)
+    assert objective.task_loss(merged, "all", {}) < loss
+
+
+def test_wudi_with_one_expert_reproduces_it():
+    """One linear layer, one expert, tau_m started at 0: the optimum is tau itself (full column rank)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 9, bias=False))
+    expert = nn.Sequential(nn.Linear(6, 9, bias=False))
+    pool = ExpertPool(base, {"only": lambda: expert})
+    merged = MergedModel(pool.base, pool.task_vectors(), Layer(init=1.0))
+    objective = Wudi()
+    objective.setup(merged, None)
+    tau = (expert[0].weight - base[0].weight).detach()
+    with torch.no_grad():
+        objective.merged_deltas["0/weight"].zero_()
+    optimizer = torch.optim.Adam(objective.extra_parameters(), lr=0.02)
+    for _ in range(600):
+        optimizer.zero_grad()
+        objective.task_loss(merged, "all", {}).backward()
+        optimizer.step()
+    torch.testing.assert_close(objective.merged_deltas["0/weight"].detach(), tau, atol=2e-3, rtol=0)
+    objective.finish(merged)
+    torch.testing.assert_close(merged.fold()[0].weight, base[0].weight + objective.merged_deltas["0/weight"])
+
+
+def test_wudi_interference_skips_unchanged_experts():
+    stack = torch.stack([torch.randn(3, 4), torch.zeros(3, 4)])
+    assert torch.isfinite(interference(torch.randn(3, 4), stack))
+
+
+def test_wudi_folds_to_the_merged_delta_and_refolds_from_its_state(parts):
+    merged, objective = wudi_model(parts)
+    fit_steps(MergeModule(merged, objective, {"name": "adam", "lr": 1e-3}), 2)
+    objective.finish(merged)
+    w0, weights = dict(parts.pool.base.named_parameters()), merged.merge()
+    for name in merged.names:
+        expected = (w0[name] + objective.merged_deltas[name.replace(".", "/")] if name in objective.names
+                    else w0[name] + parts.task_vectors.stacks[name].mean(0))
+        torch.testing.assert_close(weights[name], expected.detach(), rtol=0, atol=1e-6)
+    again, fresh = MergedModel(parts.pool.base, parts.task_vectors, Layer(init="uniform")), Wudi()
+    fresh.load_state_tensors(again, objective.state_tensors())
+    for name in objective.names:
+        torch.testing.assert_close(again.merge()[name], weights[name], rtol=0, atol=1e-6)
+
+
+def test_adamerging_learns_on_top_of_wudi(parts):
+    """WUDI first (data-free), then layer-wise AdaMerging on the WUDI-adjusted task vectors: it starts at the
+    WUDI merge and moves the coefficients from there."""
+    merged, objective = wudi_model(parts)
+    fit_steps(MergeModule(merged, objective, {"name": "adam", "lr": 1e-3}), 2)
+    objective.finish(merged)
+    wudi_weights = {n: w.detach().clone() for n, w in merged.merge().items()}
+    merged.granularity.requires_grad_(True)
+    _, data, entropy = build_module(parts, {"name": "layer"}, {"name": "entropy"})
+    ada = MergeModule(merged, entropy.objective, {"name": "adam", "lr": 0.05})
+    before = {k: c.clone() for k, c in merged.granularity.table().items()}
+    fit_steps(ada, 2, data)
+    after = merged.granularity.table()
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+    merged.granularity.load_table(before)
+    for name, w in merged.merge().items():
+        torch.testing.assert_close(w, wudi_weights[name], rtol=0, atol=1e-6)
