@@ -16,15 +16,18 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Granularity
 from adamerge.offload import HostStacks, Streamed
+from adamerge.sharding import Sharded, shard_stack
 from adamerge.taskvectors import LoraFactors, TaskVectors
 
-Source = torch.Tensor | LoraFactors | Streamed  # a dense (K, *shape) stack, LoRA factors, an offloaded stack
+# a dense (K, *shape) stack, LoRA factors, an offloaded stack, this rank's rows of a sharded stack
+Source = torch.Tensor | LoraFactors | Streamed | Sharded
 
 
 def fits_factors(coef_shape: torch.Size) -> bool:
@@ -94,8 +97,10 @@ def merge_tensor(w0: torch.Tensor, stack: Source, coef: torch.Tensor, space: str
     """``W0 + sum_k c_k * tau_k`` (task-vector space) or ``sum_k c_k * (W0 + tau_k)`` (weight space).
 
     ``stack`` is ``(K, *w0.shape)`` (or LoRA factors, or an offloaded stack); ``coef`` broadcasts
-    against it.
+    against it. A sharded stack is merged on this rank's rows, then gathered (``sharding.py``).
     """
+    if isinstance(stack, Sharded):
+        return stack.gather(merge_tensor(stack.rows(w0), stack.local, stack.rows(coef, 1), space))
     delta = task_delta(stack, coef, w0.shape)
     if space == "weights":
         return w0 * coef.sum(0).to(w0.dtype) + delta.to(w0.dtype)
@@ -138,12 +143,17 @@ class MergedModel(nn.Module):
         granularity: owns the coefficients; ``setup`` is called here for these experts and tensors.
         recompute: keep neither merged weights nor activations for backward; rebuild both there
             (activation checkpointing of the whole forward), for when the merged copy does not fit.
+        shard: under data parallelism, keep only this rank's rows of each dense stack while training
+            (``shard`` is called from ``Trainer.fit``, ``unshard`` at its end; ``sharding.py``).
     """
 
     def __init__(self, base: nn.Module, task_vectors: TaskVectors, granularity: Granularity,
-                 recompute: bool = False) -> None:
+                 recompute: bool = False, shard: bool = False) -> None:
         super().__init__()
-        self.recompute = recompute
+        if shard and task_vectors.offloaded:
+            raise AdamergeError("pool.shard=true splits the task vectors across ranks and pool.offload=cpu keeps "
+                                "all of them in host memory: choose one")
+        self.recompute, self.shard_stacks = recompute, shard
         self.base = base.requires_grad_(False)
         self.experts = list(task_vectors.experts)
         self.names = task_vectors.names
@@ -173,22 +183,42 @@ class MergedModel(nn.Module):
         self._expert: int | None = None  # teacher mode: exactly this expert
         self._task: int | None = None  # whose head answers (classifiers)
         self._shared: dict[str, torch.Tensor] | None = None  # one step's merge, reused by every task (merge_once)
+        self._teacher: dict[str, torch.Tensor] | None = None  # a sharded expert's weights, gathered once (as_expert)
+        self.sharded: dict[str, Sharded] = {}  # this rank's rows of each dense stack, between shard and unshard
 
     def source(self, name: str) -> Source:
         """Tensor ``name``'s task vectors as the merge reads them: stack, LoRA factors or offloaded stack."""
         if _key(name) in self.lora:
             m = self.lora[_key(name)]
             return LoraFactors(m.left, m.right, m.owner, len(self.experts))
+        if name in self.sharded:
+            return self.sharded[name]
         if self.host is not None:
             return Streamed(self.host, name, self.base.get_parameter(name).device)
         return getattr(self.task_vectors, _key(name))
 
     def stack(self, name: str) -> torch.Tensor:
-        """The dense ``(K, *shape)`` stack (LoRA factors are densified for the caller)."""
+        """The dense ``(K, *shape)`` stack (LoRA factors are densified for the caller; a sharded stack is
+        gathered into host memory, a collective call)."""
         source = self.source(name)
         if isinstance(source, LoraFactors):
             return source.dense()
+        if isinstance(source, Sharded):
+            return source.fetch("cpu")
         return self.host.stacks[name] if isinstance(source, Streamed) else source
+
+    def shard(self, mesh: DeviceMesh, device: torch.device) -> None:
+        """Keep only this rank's rows of each dense stack, on ``device``; the whole stacks are dropped."""
+        for name in [n for n in self.names if _key(n) in self.task_vectors._buffers]:
+            self.sharded[name] = shard_stack(getattr(self.task_vectors, _key(name)), mesh, device)
+            delattr(self.task_vectors, _key(name))
+
+    def unshard(self) -> None:
+        """Gather the sharded stacks into host memory (a collective call): what follows training (fold,
+        evaluation, writing) then reads them as offloaded stacks (``pool.offload=cpu``)."""
+        if self.sharded:
+            self.host = HostStacks({n: s.fetch("cpu") for n, s in self.sharded.items()})
+            self.sharded = {}
 
     def replace_stack(self, name: str, stack: torch.Tensor) -> None:
         """Swap in adjusted task vectors (DOGE); the old tensor is not modified, it may be shared."""
@@ -205,16 +235,22 @@ class MergedModel(nn.Module):
         source = self.source(name)
         if isinstance(source, LoraFactors):
             return source.expert(k)
+        if isinstance(source, Sharded):
+            return source.row(k)
         return self.host.row(name, k, source.device) if isinstance(source, Streamed) else source[k]
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """Merged value of every merged tensor (exactly expert k's in teacher mode), plus the task's head."""
         if self._expert is not None:
-            w0 = dict(self.base.named_parameters())
-            weights = {n: w0[n] + self.expert_delta(n, self._expert).to(w0[n].dtype) for n in self.names}
+            weights = self._teacher if self._teacher is not None else self.expert_weights(self._expert)
         else:
             weights = self.merge()
         return {**weights, **self.head_weights()}
+
+    def expert_weights(self, k: int) -> dict[str, torch.Tensor]:
+        """``W0 + tau_k`` of every merged tensor: expert k's weights."""
+        w0 = dict(self.base.named_parameters())
+        return {n: w0[n] + self.expert_delta(n, k).to(w0[n].dtype) for n in self.names}
 
     def merge(self) -> dict[str, torch.Tensor]:
         """``W0 + sum_k c_k tau_k`` of every merged tensor (inside ``merge_once``: the step's one merge)."""
@@ -261,12 +297,16 @@ class MergedModel(nn.Module):
 
     @contextmanager
     def as_expert(self, expert: int | str) -> Iterator[MergedModel]:
-        """Teacher mode: run as expert k exactly (W0 + tau_k, with its head), without loading it again."""
+        """Teacher mode: run as expert k exactly (W0 + tau_k, with its head), without loading it again.
+        Sharded stacks are gathered once here, so forwards inside make no collective call (a greedy
+        continuation may stop after a different number of forwards on each rank)."""
         previous, self._expert = self._expert, self.index(expert)
+        kept = self._teacher
+        self._teacher = self.expert_weights(self._expert) if self.sharded else None
         try:
             yield self
         finally:
-            self._expert = previous
+            self._expert, self._teacher = previous, kept
 
     @contextmanager
     def task(self, task: int | str) -> Iterator[MergedModel]:
@@ -304,7 +344,7 @@ class MergedModel(nn.Module):
                 p.add_(self.expert_delta(name, self._expert).to(p.device, p.dtype))
                 continue
             source = self.source(name)
-            source = source.fetch() if isinstance(source, Streamed) else source
+            source = source.fetch() if isinstance(source, Streamed | Sharded) else source
             fold_tensor_(p, source.to(device=p.device), g.broadcast(name).to(p.device), g.space)
         for name, value in self.head_weights().items():
             params[name].copy_(value)

@@ -132,13 +132,13 @@ def tiny_parts(tasks: Sequence[str] = TASKS, rows: int = ROWS) -> Parts:
 
 
 def build_module(parts: Parts, granularity: Mapping, objective: Mapping, optim: Mapping | None = None,
-                 batch_size: int = ROWS, shuffle: bool = False, seed: int = 0):
+                 batch_size: int = ROWS, shuffle: bool = False, seed: int = 0, shard: bool = False):
     """(MergedModel, TaskDataModule, MergeModule) from config-style dicts (``name`` + options);
-    the objective is set up (teachers cached) as ``run`` does."""
+    the objective is set up (teachers cached) as ``run`` does. ``shard``: ``pool.shard=true``."""
     g, o = dict(granularity), dict(objective)
     gran = GRANULARITIES[g.pop("name")](**g)
     obj = OBJECTIVES[o.pop("name")](**o)
-    merged = MergedModel(parts.pool.base, parts.task_vectors, gran)
+    merged = MergedModel(parts.pool.base, parts.task_vectors, gran, shard=shard)
     collator = Collator(parts.tokenizer, answer_field="answer" if getattr(obj, "needs_labels", False) else None)
     data = TaskDataModule(parts.rows, collator, batch_size=batch_size, shuffle=shuffle, seed=seed)
     obj.setup(merged, data, parts.tokenizer)
@@ -178,14 +178,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     from hydra import compose, initialize_config_module
 
     import adamerge.run
-    from adamerge.__main__ import open_mapping_overrides
+    import adamerge.training
+    from adamerge.overrides import open_mapping_overrides
 
     with initialize_config_module("adamerge.conf", version_base=None):
         cfg = compose("config", overrides=open_mapping_overrides(args.overrides))
     if args.pause_at is not None:
-        callbacks = adamerge.run.checkpoint_callbacks
+        callbacks = adamerge.training.checkpoint_callbacks
         pause = PauseAt(args.pause_at, args.run_dir / "paused")
-        adamerge.run.checkpoint_callbacks = lambda run_dir, every: [*callbacks(run_dir, every), pause]
+        adamerge.training.checkpoint_callbacks = lambda run_dir, every: [*callbacks(run_dir, every), pause]
     args.run_dir.mkdir(parents=True, exist_ok=True)
     adamerge.run.run(cfg, args.run_dir)
 
