@@ -120,3 +120,115 @@ def test_adamerging_learns_on_top_of_wudi(parts):
     merged.granularity.load_table(before)
     for name, w in merged.merge().items():
         torch.testing.assert_close(w, wudi_weights[name], rtol=0, atol=1e-6)
+
+
+# ---- Sens-Merging ---------------------------------------------------------------------------------------
+
+
+def reference_sens(parts, data, temperature: float, scale: float) -> dict[str, torch.Tensor]:
+    """The paper's formulas on the experts as separate models: HF's label loss (pads and the first real
+    token, which only a pad predicts, masked), sum |theta * grad| per block, logit distances, softmax."""
+    from tiny import tiny_expert
+
+    experts = [tiny_expert(parts.pool.base, k).requires_grad_(True) for k in range(len(parts.task_vectors.experts))]
+    tasks = parts.task_vectors.experts
+    sens = []
+    for k, task in enumerate(tasks):
+        sums: dict[str, float] = {}
+        for batch in data.loader(task, shuffle=False):
+            labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
+            labels[:, 1:][batch["attention_mask"][:, :-1] == 0] = -100
+            experts[k].zero_grad()
+            experts[k](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], labels=labels).loss.backward()
+            for name, p in experts[k].named_parameters():
+                layer = ".".join(name.split(".")[:3]) if ".layers." in name else name
+                sums[layer] = sums.get(layer, 0.0) + (p * p.grad).abs().sum().item()
+        sens.append(sums)
+    layers = sorted(sens[0])
+    s = torch.tensor([[x[layer] for layer in layers] for x in sens])
+    alpha = s / s.norm(dim=1, keepdim=True)
+    gaps = torch.zeros(len(tasks), len(tasks))
+    with torch.no_grad():
+        for i in range(len(tasks)):
+            for j, task in enumerate(tasks):
+                if i != j:
+                    per_batch = []
+                    for batch in data.loader(task, shuffle=False):
+                        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+                        diff = experts[i](**inputs).logits - experts[j](**inputs).logits
+                        per_batch.append(diff.norm(dim=-1)[batch["attention_mask"].bool()].mean())
+                    gaps[i, j] = torch.stack(per_batch).mean()
+    tau = gaps.sum(1) / gaps.sum()
+    sigma = torch.softmax(alpha * tau[:, None] / temperature, dim=0)
+    return {layer: scale * len(tasks) * sigma[:, i] for i, layer in enumerate(layers)}
+
+
+def test_sens_init_is_its_formula(parts):
+    from adamerge.sensitivity import layer_of, sens_table
+
+    merged, data, _ = build_module(parts, {"name": "layer"}, {"name": "entropy"}, batch_size=4)
+    table = sens_table(merged, data, temperature=0.05, scale=0.3)
+    reference = reference_sens(parts, data, temperature=0.05, scale=0.3)
+    assert set(table) == set(merged.names)  # layer-wise: one group per tensor
+    for name, coefficients in table.items():
+        torch.testing.assert_close(coefficients[:, 0], reference[layer_of(name)], rtol=1e-4, atol=1e-6)
+    spread = torch.stack([c[:, 0] for c in table.values()])
+    assert spread.std(0).max() > 1e-3  # the layers really differ (the test would pass on constants otherwise)
+
+
+def test_sens_init_refuses_a_granularity_across_layers(parts):
+    from adamerge import AdamergeError
+    from adamerge.sensitivity import sens_table
+
+    merged, data, _ = build_module(parts, {"name": "task"}, {"name": "entropy"})
+    with pytest.raises(AdamergeError, match="spans"):
+        sens_table(merged, data)
+
+
+def test_adamerging_learns_from_the_sens_init(parts):
+    from adamerge.sensitivity import sens_table
+
+    merged, data, module = build_module(parts, {"name": "layer", "transform": "clamp"}, {"name": "entropy"})
+    start = sens_table(merged, data, scale=0.3)
+    merged.granularity.load_table(start)
+    torch.testing.assert_close(merged.granularity.table(), start)
+    fit_steps(module, 2, data)
+    moved = merged.granularity.table()
+    assert any(not torch.allclose(moved[k], start[k]) for k in start)
+
+
+# ---- FW-Merging -----------------------------------------------------------------------------------------
+
+
+def in_hull(c: torch.Tensor) -> bool:
+    """Every column in the hull of the base (0) and the experts (e_k): c >= 0, sum_k c_k <= 1."""
+    return bool((c >= -1e-6).all() and (c.sum(0) <= 1 + 1e-6).all())
+
+
+def test_frank_wolfe_moves_toward_the_oracle_vertex():
+    from adamerge.frank_wolfe import FrankWolfe
+
+    c = nn.Parameter(torch.full((3, 4), 0.2))
+    c.grad = torch.tensor([[-1.0, 0.5, 0.2, -0.1],
+                           [-3.0, 0.1, -0.4, 0.3],
+                           [0.0, 0.2, -0.5, -0.2]])
+    vertex = torch.tensor([[0.0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 1]])  # argmin if negative, else the base
+    optimizer = FrankWolfe([c], lr=0.5)
+    optimizer.step()  # gamma_0 = 0.5 * 2 / 2
+    torch.testing.assert_close(c.detach(), 0.5 * torch.full((3, 4), 0.2) + 0.5 * vertex)
+    before = c.detach().clone()
+    optimizer.step()  # same gradient, gamma_1 = 0.5 * 2 / 3
+    torch.testing.assert_close(c.detach(), before + (1 / 3) * (vertex - before))
+
+
+def test_frank_wolfe_stays_in_the_hull():
+    from adamerge.frank_wolfe import FrankWolfe
+
+    gen = torch.Generator().manual_seed(0)
+    c = nn.Parameter(torch.full((4, 6), 0.25))
+    optimizer = FrankWolfe([c], lr=1.0)
+    for _ in range(20):
+        c.grad = torch.randn(c.shape, generator=gen)
+        optimizer.step()
+        assert in_hull(c.detach())
