@@ -43,7 +43,11 @@ PAPERS = {
     "Model Stock": "https://arxiv.org/abs/2403.19522",
     "LiNeS": "https://arxiv.org/abs/2410.17146",
     "SLERP": "https://arxiv.org/abs/2403.13257",
+    "RegMean": "https://arxiv.org/abs/2212.09849",
+    "MaTS": "https://arxiv.org/abs/2312.04339",
+    "Fisher merging": "https://arxiv.org/abs/2111.09832",
 }
+CLOSED_FORMS = {"regmean": "RegMean", "mats": "MaTS", "fisher": "Fisher merging"}
 STATIC_PREPROCESSING = {"ties": "TIES-Merging", "dare": "DARE", "della": "DELLA", "breadcrumbs": "Model Breadcrumbs",
                         "tsv": "TSV-M", "iso_c": "ISO-C", "iso_cts": "ISO-CTS", "consensus": "Consensus merging",
                         "star": "STAR", "pcb": "PCB-Merging", "model_stock": "Model Stock", "slerp": "SLERP"}
@@ -65,7 +69,10 @@ def method_name(config: Mapping[str, Any]) -> str:
     static = int((config.get("trainer") or {}).get("max_steps", 0)) == 0
     if objective == "projected":
         return "DOGE"
+    closed_form = ((config.get("closed_form") or {}).get("method")) or "none"
     if static:
+        if closed_form in CLOSED_FORMS:
+            return CLOSED_FORMS[closed_form]
         if "consensus" in then:
             return "Consensus merging"
         if granularity.get("lines_beta") is not None:
