@@ -150,7 +150,7 @@ def gram_systems(teacher: MergedModel, stacks: Mapping[str, torch.Tensor], alpha
             scaled = off_diagonal_scaled(gram, alpha)
             totals[name] = totals[name] + scaled if name in totals else scaled
             tau = inputs_first(stacks[name][k].to(scaled.device), is_input_first(layers[name]))
-            products[name].append(scaled @ tau)
+            products[name].append((scaled @ tau).to(stacks[name].device))  # beside the stacks
         del grams
     solved = [n for n in layers if len(products[n]) == len(teacher.experts)]
     return GramSystems({n: layers[n] for n in solved}, {n: totals[n] for n in solved},
@@ -236,8 +236,8 @@ def fisher(teacher: MergedModel, stacks: Mapping[str, torch.Tensor], spec: Close
     """Fisher-merging pieces of every stack."""
     fishers = []
     for k, task in enumerate(teacher.experts):
-        with teacher.as_expert(k):
-            fishers.append(expert_fisher(teacher, batches_of(task)))
+        with teacher.as_expert(k):  # kept beside the stacks (host memory where they were built there)
+            fishers.append({n: f.to(stacks[n].device) for n, f in expert_fisher(teacher, batches_of(task)).items()})
     weights = fisher_weights(fishers, spec)
     log.info("Fisher merging: diagonal Fishers of %d tensors, expert weights %s", len(stacks),
              [round(w, 4) for w in weights.tolist()])
