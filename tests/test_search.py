@@ -16,6 +16,7 @@ from adamerge.search import (
     SearchOptions,
     cma_search,
     coefficient_count,
+    harness_fitness,
     objective_fitness,
     reduced_indices,
     reduced_rows,
@@ -75,6 +76,29 @@ def test_objective_fitness_search_ends_no_worse_than_its_start(parts):
     result = cma_search(merged, fitness, SearchOptions(max_evals=12, popsize=4), seed=0)
     assert result.initial == start and result.best <= start
     assert fitness() == pytest.approx(result.best)
+
+
+class FakeHarness:
+    """lm-eval's scores as a function of the first task coefficient (the harness itself is tested in test_harness)."""
+
+    def __init__(self, merged: MergedModel) -> None:
+        self.merged, self.folds = merged, 0
+
+    def evaluate(self, model, tokenizer):
+        self.folds += 1
+        c = float(self.merged.granularity.table()["task"][0, 0])
+        return {"arc": {"acc": 1 - abs(c - 0.7), "acc_stderr": 0.1}, "hellaswag": {"acc": 0.5, "acc_norm": 0.4}}
+
+
+def test_harness_fitness_is_one_minus_the_mean_metric(parts):
+    merged = task_merge(parts)
+    harness = FakeHarness(merged)
+    fitness = harness_fitness(merged, harness, parts.tokenizer, "acc")
+    assert fitness() == pytest.approx(1 - (0.6 + 0.5) / 2)
+    result = cma_search(merged, fitness, SearchOptions(max_evals=40), seed=0)
+    assert result.best < result.initial and harness.folds == result.evaluations + 1  # + the check above
+    with pytest.raises(AdamergeError, match="search.metric='acc_norm' is not reported by lm-eval for .*arc"):
+        harness_fitness(merged, harness, parts.tokenizer, "acc_norm")()
 
 
 def test_reduced_subset_is_a_seeded_sample():
