@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from adamerge.errors import AdamergeError
+from adamerge.frank_wolfe import FrankWolfe
 from adamerge.merged import MergedModel
 from adamerge.objectives.base import Objective
 
@@ -24,9 +25,11 @@ class NonFiniteLoss(AdamergeError):
 
 def build_optimizer(params, name: str = "adamw", lr: float = 1e-3, betas=(0.9, 0.999), weight_decay: float = 0.0,
                     **_) -> torch.optim.Optimizer:
+    if name == "frank_wolfe":  # FW-Merging: the coefficients stay in the hull of the base and the experts
+        return FrankWolfe(params, lr=lr)
     optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if name not in optimizers:
-        raise AdamergeError(f"optim.name={name!r}; choose from {sorted(optimizers)}")
+        raise AdamergeError(f"optim.name={name!r}; choose from {sorted([*optimizers, 'frank_wolfe'])}")
     return optimizers[name](params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 

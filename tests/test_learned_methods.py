@@ -232,3 +232,12 @@ def test_frank_wolfe_stays_in_the_hull():
         c.grad = torch.randn(c.shape, generator=gen)
         optimizer.step()
         assert in_hull(c.detach())
+
+
+def test_frank_wolfe_trains_the_coefficients_through_lightning(parts):
+    merged, data, module = build_module(parts, {"name": "layer", "init": 0.3}, {"name": "ce"},
+                                        {"name": "frank_wolfe", "lr": 1.0})
+    fit_steps(module, 2, data)
+    table = merged.granularity.table()
+    assert all(in_hull(c) for c in table.values())
+    assert any(not torch.allclose(c, torch.full_like(c, 0.3)) for c in table.values())
