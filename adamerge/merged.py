@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Granularity
 from adamerge.offload import HostStacks, Streamed
-from adamerge.sharding import Sharded, shard_stack
+from adamerge.sharding import Sharded, regather_in_backward, shard_stack
 from adamerge.taskvectors import LoraFactors, TaskVectors
 
 # a dense (K, *shape) stack, LoRA factors, an offloaded stack, this rank's rows of a sharded stack
@@ -256,8 +256,12 @@ class MergedModel(nn.Module):
         """``W0 + sum_k c_k tau_k`` of every merged tensor (inside ``merge_once``: the step's one merge)."""
         if self._shared is not None:
             return self._shared
-        w0, g = dict(self.base.named_parameters()), self.granularity
-        return {n: merge_tensor(w0[n], self.source(n), g.broadcast(n), g.space) for n in self.names}
+        return {n: self.merged_tensor(n) for n in self.names}
+
+    def merged_tensor(self, name: str) -> torch.Tensor:
+        """``W0 + sum_k c_k tau_k`` of one tensor."""
+        g = self.granularity
+        return merge_tensor(self.base.get_parameter(name), self.source(name), g.broadcast(name), g.space)
 
     @contextmanager
     def merge_once(self) -> Iterator[MergedModel]:
@@ -287,7 +291,17 @@ class MergedModel(nn.Module):
         return self._forward(*args, **kwargs)
 
     def _forward(self, *args, **kwargs):
-        return functional_call(self.base, self.merged_weights(), args, kwargs, tie_weights=True, strict=False)
+        weights = self.merged_weights()
+        with self.regathered_in_backward(weights):
+            return functional_call(self.base, weights, args, kwargs, tie_weights=True, strict=False)
+
+    def regathered_in_backward(self, weights: dict[str, torch.Tensor]):
+        """Training on sharded stacks: autograd keeps no gathered weight for backward, which gathers it again
+        (``sharding.regather_in_backward``); not in teacher mode (no gradient) nor with ``recompute``
+        (activation checkpointing already recomputes the forward)."""
+        if not self.sharded or self._expert is not None or self.recompute or not torch.is_grad_enabled():
+            return nullcontext()
+        return regather_in_backward({n: weights[n] for n, s in self.sharded.items() if s.split}, self.merged_tensor)
 
     def index(self, expert: int | str) -> int:
         k = self.experts.index(expert) if expert in self.experts else expert

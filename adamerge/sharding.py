@@ -22,6 +22,7 @@ the fold, the evaluation and the writing that follow work as with ``pool.offload
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -124,3 +125,29 @@ def shard_stack(stack: torch.Tensor, mesh: DeviceMesh, device: torch.device) -> 
     placed = DTensor.from_local(local, mesh, [Shard(SHARDED_DIM)], run_check=False, shape=stack.shape,
                                 stride=contiguous_stride(stack.shape))
     return Sharded(placed, start, stop)
+
+
+def regather_in_backward(gathered: dict[str, torch.Tensor], regather: Callable[[str], torch.Tensor]):
+    """Saved-tensor hooks for one forward: a gathered weight (or a view of it) that autograd saves for backward
+    is kept as its name instead, and gathered again (``regather``, without gradient) when backward reads it. The
+    whole weights then live from the merge to the end of the forward, not until backward is done. A copy made
+    from one (a dtype cast under autocast) is an ordinary tensor and stays."""
+    storages = {w.untyped_storage().data_ptr(): (n, w.storage_offset()) for n, w in gathered.items()
+                if w.is_contiguous()}  # a view is rebuilt on a contiguous gather
+
+    def pack(t: torch.Tensor):
+        found = storages.get(t.untyped_storage().data_ptr())
+        if found is None:
+            return t
+        name, start = found
+        return name, t.shape, t.stride(), t.storage_offset() - start
+
+    def unpack(saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        name, shape, stride, offset = saved
+        with torch.no_grad():
+            return regather(name).contiguous().as_strided(shape, stride, offset)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
