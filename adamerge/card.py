@@ -34,6 +34,9 @@ PAPERS = {
     "Expert Merging++": "https://arxiv.org/abs/2509.25712",
     "DAM": "https://arxiv.org/abs/2410.08371",
     "DOGE": "https://arxiv.org/abs/2501.01230",
+    "WUDI-Merging": "https://arxiv.org/abs/2503.08099",
+    "FW-Merging": "https://arxiv.org/abs/2503.12649",
+    "Sens-Merging": "https://arxiv.org/abs/2502.12420",
     "TSV-M": "https://arxiv.org/abs/2412.00081",
     "ISO-C": "https://arxiv.org/abs/2502.04959",
     "ISO-CTS": "https://arxiv.org/abs/2502.04959",
@@ -69,6 +72,8 @@ def method_name(config: Mapping[str, Any]) -> str:
     static = int((config.get("trainer") or {}).get("max_steps", 0)) == 0
     if objective == "projected":
         return "DOGE"
+    if objective == "wudi":
+        return "WUDI-Merging"
     closed_form = ((config.get("closed_form") or {}).get("method")) or "none"
     if static:
         if closed_form in CLOSED_FORMS:
@@ -77,9 +82,13 @@ def method_name(config: Mapping[str, Any]) -> str:
             return "Consensus merging"
         if granularity.get("lines_beta") is not None:
             return "LiNeS"
+        if granularity.get("init") == "sens":
+            return "Sens-Merging"
         if preprocess in STATIC_PREPROCESSING:
             return STATIC_PREPROCESSING[preprocess]
         return "Simple average" if granularity.get("init") == "uniform" else "Task arithmetic"
+    if (config.get("optim") or {}).get("name") == "frank_wolfe":
+        return "FW-Merging"
     if objective == "dam":
         return "DAM"
     if objective == "align":

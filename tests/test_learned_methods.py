@@ -241,3 +241,14 @@ def test_frank_wolfe_trains_the_coefficients_through_lightning(parts):
     table = merged.granularity.table()
     assert all(in_hull(c) for c in table.values())
     assert any(not torch.allclose(c, torch.full_like(c, 0.3)) for c in table.values())
+
+
+@pytest.mark.parametrize(("config", "name"), [
+    ({"objective": {"name": "wudi"}, "trainer": {"max_steps": 400}}, "WUDI-Merging"),
+    ({"objective": {"name": "ce"}, "optim": {"name": "frank_wolfe"}, "trainer": {"max_steps": 10}}, "FW-Merging"),
+    ({"granularity": {"name": "layer", "init": "sens"}, "trainer": {"max_steps": 0}}, "Sens-Merging"),
+])
+def test_the_card_names_the_method(config, name):
+    from adamerge.card import PAPERS, method_name
+
+    assert method_name(config) == name and name in PAPERS
