@@ -14,8 +14,9 @@ from adamerge.granularity import (
     Task,
 )
 from adamerge.merged import MergedModel, merge_tensor
-from adamerge.pool import ExpertPool, TensorInfo
+from adamerge.pool import ExpertPool
 from adamerge.taskvectors import TaskVectors
+from adamerge.tensors import TensorInfo
 
 __all__ = [
     "AdamergeError",

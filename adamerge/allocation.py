@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from adamerge.errors import AdamergeError
-from adamerge.pool import TensorInfo
+from adamerge.tensors import TensorInfo
 
 
 def tensor_importance(coefficients: Mapping[str, torch.Tensor], sq_norms: Mapping[str, torch.Tensor],

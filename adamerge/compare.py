@@ -23,22 +23,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.evaluate import normalized_accuracy
+from adamerge.checks import check_before_loading
+from adamerge.evaluate import evaluate_merged, evaluate_model, normalized_accuracy
 from adamerge.granularity import Task
-from adamerge.merged import MergedModel
-from adamerge.run import (
+from adamerge.loading import (
     as_dict,
     build_pool,
     build_tokenizer,
-    check_before_loading,
-    evaluate_merged,
-    evaluate_model,
     is_causal,
     load_test_sets,
     prepare_task_vectors,
     raw_task_vectors,
-    run,
 )
+from adamerge.merged import MergedModel
+from adamerge.run import run
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ short greedy loop (left padding, explicit position ids, no KV cache: answers are
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +16,12 @@ from torch.utils.data import DataLoader
 from adamerge.data import Collator, Examples, left_pad, load_jsonl, model_inputs  # noqa: F401  (load_jsonl re-exported)
 from adamerge.errors import AdamergeError
 from adamerge.generation import greedy_continuations
+from adamerge.granularity import Task
+from adamerge.harness import HarnessOptions, reference_scores
+from adamerge.loading import load_test_sets, prepare_task_vectors, raw_task_vectors
+from adamerge.merged import MergedModel
+from adamerge.pool import ExpertPool
+from adamerge.taskvectors import TaskVectors
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -122,3 +128,54 @@ def accuracy(model: nn.Module, tokenizer, examples: Sequence[Mapping], batch_siz
         return hits / len(examples)
     finally:
         model.train(was_training)
+
+
+def evaluate_model(model_for: Callable[[str], torch.nn.Module], tokenizer, cfg: Mapping, causal: bool
+                   ) -> dict[str, float]:
+    """Score ``model_for(task)`` on each task of ``eval.tests`` (JSONL or ``{dataset, split}``): exact match
+    (generative) or accuracy (classifiers, ``eval.field`` holding text or images, ``eval.label_field``)."""
+    field, label_field = cfg.get("field", "text"), cfg.get("label_field", "label")
+    tests = load_test_sets(cfg, causal)
+    if not tests:
+        return {}
+    batch_size = cfg.get("batch_size", 64)
+    scores = {
+        t: exact_match(model_for(t), tokenizer, rows, cfg.get("max_new_tokens", 16), batch_size) if causal
+        else accuracy(model_for(t), tokenizer, rows, batch_size, field, label_field)
+        for t, rows in tests.items()
+    }
+    return {**scores, "avg": sum(scores.values()) / len(scores)}
+
+
+def evaluate_merged(merged: MergedModel, tokenizer, cfg: Mapping, causal: bool) -> dict[str, float]:
+    """Evaluate the folded merge: one model for all tasks, or backbone + head k per task."""
+    if not cfg.get("tests"):
+        return {}
+    shared = None if len(merged.heads) else merged.fold()
+    return evaluate_model(lambda task: shared if shared is not None else merged.fold(task), tokenizer, cfg, causal)
+
+
+def task_vectors_and_references(pool: ExpertPool, cfg: Mapping, seed: int, harness: HarnessOptions | None,
+                                tokenizer) -> tuple[TaskVectors, dict]:
+    """``build_task_vectors``, with the harness scores of the base and (``eval.harness.experts``) each expert taken
+    in between: on the raw task vectors, so an expert is the one the pool gave, not its ``pool.preprocess``ed self."""
+    raw = raw_task_vectors(pool, cfg)
+    if harness is None:
+        return prepare_task_vectors(raw, cfg, seed), {}
+    teacher = MergedModel(pool.base, raw, Task(init=0.0))
+
+    def expert(name: str) -> torch.nn.Module:
+        with teacher.as_expert(name):
+            return teacher.fold()
+
+    scores = reference_scores(harness, pool.base, {n: lambda n=n: expert(n) for n in teacher.experts}, tokenizer)
+    return prepare_task_vectors(raw, cfg, seed), scores
+
+
+@torch.no_grad()
+def fold_difference(merged: MergedModel, folded, batch: Mapping[str, torch.Tensor]) -> float:
+    """Max |logits(folded) - logits(merged)| on one batch: the fold's self-check."""
+
+    inputs = {k: v.to(merged.base.device) for k, v in model_inputs(batch).items()}
+    logits = merged(**inputs).logits.float()  # the folded model may have more: the rows of experts' added tokens
+    return (folded(**inputs).logits[..., : logits.shape[-1]].float() - logits).abs().max().item()

@@ -18,14 +18,17 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from adamerge.checks import protected_inputs
 from adamerge.errors import AdamergeError
 from adamerge.export import COEFFICIENTS_FILE, CONFIG_FILE, MARKER_KEY, check_output_dir
 from adamerge.fingerprint import changed_inputs
 from adamerge.granularity import GRANULARITIES, Granularity
+from adamerge.loading import build_pool, build_task_vectors
 from adamerge.merged import MergedModel
 from adamerge.objectives import OBJECTIVES, Objective
-from adamerge.run import RunResult, build_pool, build_task_vectors, construct, protected_inputs, write_output
+from adamerge.options import construct
 from adamerge.terminal import quiet
+from adamerge.writing import RunResult, write_output
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from adamerge.errors import AdamergeError
-from adamerge.pool import TensorInfo
+from adamerge.tensors import TensorInfo
 
 Transform = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 

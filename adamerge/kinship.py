@@ -193,7 +193,7 @@ def stacks_of(pool_cfg: Mapping) -> tuple[list[str], Iterable[tuple[str, torch.T
     if all(files):
         base, *rest = (TensorFiles(f) for f in files)
         return list(experts), streamed_stacks(base, rest, pool_cfg.get("include") or (), pool_cfg.get("exclude") or ())
-    from adamerge.run import build_pool, raw_task_vectors
+    from adamerge.loading import build_pool, raw_task_vectors
 
     tv = raw_task_vectors(build_pool(pool_cfg), pool_cfg)
     return tv.experts, ((n, tv.factors[n].dense() if n in tv.factors else tv.stacks[n]) for n in tv.names)
@@ -201,17 +201,13 @@ def stacks_of(pool_cfg: Mapping) -> tuple[list[str], Iterable[tuple[str, torch.T
 
 def compose_pool(overrides: Sequence[str]) -> dict:
     """``pool`` of the config these command-line overrides make (the same syntax as a merge run)."""
-    from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    from adamerge.__main__ import open_mapping_overrides
-    from adamerge.resolvers import register_resolvers
+    from adamerge.overrides import compose_overrides
 
-    register_resolvers()
     try:
-        with initialize_config_module("adamerge.conf", version_base=None):
-            cfg = compose("config", overrides=open_mapping_overrides(list(overrides)))
+        cfg = compose_overrides(overrides)
     except HydraException as e:
         raise AdamergeError(str(e).splitlines()[0]) from e
     return OmegaConf.to_container(cfg.pool, resolve=True)

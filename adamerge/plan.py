@@ -40,7 +40,8 @@ from torch import nn
 from adamerge.errors import AdamergeError
 from adamerge.granularity import GRANULARITIES, Block, Granularity
 from adamerge.options import construct, parse_dtype, parse_offload
-from adamerge.pool import DEFAULT_HEADS, TensorInfo, describe_tensor, is_adapter, is_local, resolve_auto_class
+from adamerge.pool import DEFAULT_HEADS, is_adapter, is_local, resolve_auto_class
+from adamerge.tensors import TensorInfo, describe_tensor
 
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -597,18 +598,14 @@ def plan_line(config: Mapping, rows: Mapping[str, Sequence] | None = None, base:
 
 def compose_config(overrides: Sequence[str]) -> dict:
     """The config a run with these overrides would get (Hydra's compose API: ``method=``, ``+experiment=``)."""
-    from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from adamerge.__main__ import open_mapping_overrides
-    from adamerge.resolvers import register_resolvers
+    from adamerge.overrides import compose_overrides
 
-    register_resolvers()
     try:
-        with initialize_config_module("adamerge.conf", version_base=None):
-            cfg = compose("config", overrides=open_mapping_overrides(list(overrides)))
+        cfg = compose_overrides(overrides)
         cfg.output_dir = None  # Hydra's run directory does not exist here; the plan writes nothing
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:

@@ -16,13 +16,14 @@ import logging
 import pickle
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from adamerge.errors import AdamergeError
+from adamerge.taskvectors import LoraFactors, TaskVectors
+from adamerge.tensors import TensorInfo, describe_tensor
 from adamerge.validate import check_task_names
 from adamerge.vocab import Vocabulary, has_tokenizer_files, vocabulary_tensors
 
@@ -31,35 +32,9 @@ log = logging.getLogger(__name__)
 Source = str | Path | nn.Module | Callable[[], nn.Module]
 Factors = tuple[torch.Tensor, torch.Tensor]  # (left, right): a LoRA delta is left @ right
 
-# Modules whose weight is stored (in_features, out_features) instead of nn.Linear's (out, in).
-INPUT_FIRST_MODULES = {"Conv1D"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Task heads of classification models (BERT/RoBERTa/DistilBERT ``classifier``, decoders' ``score``).
 DEFAULT_HEADS = (r"^(classifier|score|pre_classifier)\.",)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """What a granularity needs to know about one merged tensor."""
-
-    name: str
-    shape: tuple[int, ...]
-    kind: str  # "matrix" (>= 2-D), "norm" (1-D of a norm/embedding module), "bias" or "vector"
-    feature_dim: int | None  # axis of input features (matrix) or hidden dims (norm/vector); None for bias
-
-
-def describe_tensor(model: nn.Module, name: str, param: torch.Tensor) -> TensorInfo:
-    """Classify a parameter by its owning module, the small table that replaces per-family code."""
-    module_name, _, leaf = name.rpartition(".")
-    owner = type(model.get_submodule(module_name)).__name__ if module_name else type(model).__name__
-    shape = tuple(param.shape)
-    if param.dim() >= 2:
-        return TensorInfo(name, shape, "matrix", 0 if owner in INPUT_FIRST_MODULES else 1)
-    if "norm" in owner.lower():
-        return TensorInfo(name, shape, "norm", 0)
-    if leaf == "bias":
-        return TensorInfo(name, shape, "bias", None)
-    return TensorInfo(name, shape, "vector", 0)
 
 
 def resolve_auto_class(auto_class: str | type) -> type:
@@ -203,8 +178,6 @@ class ExpertPool:
         tensor alone), LoRA factors where every expert changing a tensor is LoRA, and nothing for
         a tensor no expert changes. ``pin_memory``: page-locked host stacks for ``pool.offload``.
         """
-        from adamerge.taskvectors import TaskVectors
-
         base, k_total = dict(self.base.named_parameters()), len(self.expert_sources)
         stacks: dict[str, torch.Tensor] = {}
         filled: dict[str, set[int]] = {}
@@ -456,7 +429,5 @@ def layer_factors(layer: nn.Module) -> Factors:
 
 def stack_factors(parts: Sequence[tuple[int, torch.Tensor, torch.Tensor]], num_experts: int):
     """One tensor's ``LoraFactors`` from (expert index, left, right) of each LoRA expert changing it."""
-    from adamerge.taskvectors import LoraFactors
-
     owner = torch.cat([torch.full((left.shape[1],), k, dtype=torch.long, device=left.device) for k, left, _ in parts])
     return LoraFactors(torch.cat([p[1] for p in parts], 1), torch.cat([p[2] for p in parts], 0), owner, num_experts)

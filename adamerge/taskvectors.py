@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from adamerge.errors import AdamergeError
-from adamerge.pool import TensorInfo
 from adamerge.spectral import SPECTRAL
+from adamerge.tensors import TensorInfo
 from adamerge.vocab import AddedRows
 
 log = logging.getLogger(__name__)

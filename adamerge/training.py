@@ -9,14 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import Logger
 
+from adamerge.checkpointing import (
+    AtomicCheckpointIO,
+    check_resume_fits,
+    checkpoint_callbacks,
+    lightning_handles_sigterm,
+    read_resume,
+)
+from adamerge.data import DataFree
 from adamerge.errors import AdamergeError
 from adamerge.frank_wolfe import FrankWolfe
 from adamerge.merged import MergedModel
 from adamerge.objectives.base import Objective
+from adamerge.terminal import StepProgressBar
 
 
 class NonFiniteLoss(AdamergeError):
@@ -123,3 +134,25 @@ class MergeModule(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["adamerge"] = {"experts": list(self.merged.experts),  # checked by read_resume
                                   "granularity": type(self.merged.granularity).__name__}
+
+
+def fit(merged: MergedModel, objective: Objective, data, tokenizer, config: Mapping, run_dir: Path, max_steps: int,
+        logger: Logger | None = None, resume: str | None = None) -> None:
+    """One ``Trainer.fit`` of the coefficients (and the objective's extra tensors). ``resume``: a checkpoint whose
+    tensors must be exactly this run's trainable ones (checked before Lightning starts, so nothing is written)."""
+    objective.setup(merged, data, tokenizer)
+    module = MergeModule(merged, objective, config.get("optim"))
+    if resume:
+        check_resume_fits(read_resume(resume, merged.experts), module.trainable())
+    trainer_cfg = {**(config.get("trainer") or {}), "max_steps": max_steps}
+    callbacks, plugins = [], []
+    if trainer_cfg.get("enable_checkpointing", True):
+        every = int((config.get("checkpoint") or {}).get("every_n_steps", 50))
+        callbacks, plugins = checkpoint_callbacks(run_dir, every), [AtomicCheckpointIO()]
+    if trainer_cfg.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
+    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger or False, callbacks=callbacks, plugins=plugins,
+                         **trainer_cfg)
+    with lightning_handles_sigterm():
+        trainer.fit(module, datamodule=data or DataFree(max_steps), ckpt_path=resume)
+    objective.finish(merged)

@@ -144,8 +144,8 @@ def save_family(root: Path, base, perturb) -> dict[str, str]:
 def adamerge_merge(dirs: dict[str, str], preprocess: dict, weights) -> dict[str, torch.Tensor]:
     from adamerge import ExpertPool
     from adamerge.granularity import Task
+    from adamerge.loading import apply_preprocess
     from adamerge.merged import MergedModel
-    from adamerge.run import apply_preprocess
 
     pool = ExpertPool(dirs["base"], {e: dirs[e] for e in EXPERTS}, auto_class="AutoModelForCausalLM")
     tv = apply_preprocess(pool.task_vectors(), {**preprocess, "weights": weights}, seed=SEED)

@@ -26,8 +26,9 @@ from transformers import AutoImageProcessor, CLIPConfig, CLIPModel, CLIPVisionMo
 from adamerge.errors import AdamergeError
 from adamerge.export import COEFFICIENTS_FILE, CONFIG_FILE
 from adamerge.granularity import GRANULARITIES
+from adamerge.loading import build_pool, build_task_vectors
 from adamerge.merged import MergedModel
-from adamerge.run import build_pool, build_task_vectors, construct
+from adamerge.options import construct
 from adamerge.zeroshot import HEADS_FILE, ZeroShotTasks
 
 EXPERIMENT = "+experiment=clip_vit_b32_adamerging"

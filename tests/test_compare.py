@@ -18,10 +18,11 @@ from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
 from adamerge.compare import average_half_width, compare, format_table, method_row
+from adamerge.evaluate import evaluate_merged
 from adamerge.granularity import Task
+from adamerge.loading import as_dict, build_pool, build_task_vectors, build_tokenizer, raw_task_vectors
 from adamerge.merged import MergedModel
 from adamerge.resolvers import register_resolvers
-from adamerge.run import as_dict, build_pool, build_task_vectors, build_tokenizer, evaluate_merged, raw_task_vectors
 from adamerge.zoo import EXPERT_TASKS
 from adamerge.zoo.build import SHIPPED
 

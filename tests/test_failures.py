@@ -557,7 +557,7 @@ def test_data_rows_are_read_verbatim(tmp_path):
 def test_config_target_is_not_instantiated():
     """Components come from registries by name; a ``_target_`` in a config group is an unknown key."""
     from adamerge.objectives import OBJECTIVES
-    from adamerge.run import construct
+    from adamerge.options import construct
 
     with pytest.raises(AdamergeError, match="_target_"):
         construct(OBJECTIVES, "objective", {"name": "entropy", "_target_": "os.system", "_args_": ["true"]})
@@ -584,7 +584,7 @@ def test_cli_trains_on_code_like_data_without_running_it(lab):
 def test_model_card_records_trust_remote_code(zoo, tmp_path):
     from hydra import compose, initialize_config_module
 
-    from adamerge.__main__ import open_mapping_overrides
+    from adamerge.overrides import open_mapping_overrides
     from adamerge.run import run
 
     overrides = [*zoo_args(zoo), "pool.trust_remote_code=true", "trainer.max_steps=0", f"output_dir={tmp_path / 'out'}"]

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from adamerge import Chunk, Column, ExpertPool, Layer, MergedModel, Task
 from adamerge.granularity import Granularity, _singleton_view
-from adamerge.run import apply_preprocess
+from adamerge.loading import apply_preprocess
 
 GRANULARITIES = {
     "task": lambda: Task(init=0.3),

@@ -14,7 +14,8 @@ from test_lora_factors import save_adapter
 from adamerge import Chunk, Column, ExpertPool, Layer, MergedModel
 from adamerge.errors import AdamergeError
 from adamerge.objectives import OBJECTIVES
-from adamerge.run import RunResult, run, write_output
+from adamerge.run import run
+from adamerge.writing import RunResult, write_output
 
 # math: conftest's adapter (q_proj, v_proj; r=4); code: r=2 with an Embedding LoRA; chat: r=3 with
 # lm_head in modules_to_save (a dense delta, stored whole)

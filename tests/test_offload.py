@@ -9,7 +9,7 @@ from test_engine_options import coefficient_grads
 from test_merged import jitter
 
 from adamerge import AdamergeError, Chunk, Column, Layer, MergedModel, Task
-from adamerge.run import build_task_vectors
+from adamerge.loading import build_task_vectors
 
 GRANULARITIES = {
     "task": lambda: Task(init=0.3),

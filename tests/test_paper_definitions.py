@@ -108,8 +108,8 @@ def test_atlas_refold_reproduces_the_random_partitions(tmp_path):
     from safetensors.torch import load_file
     from tiny import write_zoo
 
-    from adamerge.__main__ import open_mapping_overrides
     from adamerge.fold import refold
+    from adamerge.overrides import open_mapping_overrides
     from adamerge.run import run
 
     zoo = write_zoo(tmp_path / "zoo", rows=4)

@@ -60,8 +60,8 @@ def test_a_missing_base_is_one_line_before_anything_loads(tmp_path):
     ("lora", ["granularity=block", "granularity.partitions=3"]),  # random partitions: densified
 ])
 def test_tensor_figures_equal_the_loaded_ones(kind, extra):
+    from adamerge.loading import build_pool, raw_task_vectors
     from adamerge.merged import MergedModel
-    from adamerge.run import build_pool, raw_task_vectors
 
     config = compose_config(zoo_overrides(kind, "trainer.max_steps=0", *extra))
     plan = make_plan(config)
@@ -76,9 +76,10 @@ def test_tensor_figures_equal_the_loaded_ones(kind, extra):
 
 
 def test_cached_teacher_equals_the_cache_held(tmp_path):
+    from adamerge.building import build_datamodule
+    from adamerge.loading import build_pool, build_tokenizer, raw_task_vectors
     from adamerge.merged import MergedModel
     from adamerge.objectives import Align
-    from adamerge.run import build_datamodule, build_pool, build_tokenizer, raw_task_vectors
 
     # rows are 9-12 tokens: max_length=6 cuts every one to 6, so the plan's token-id bound is exact
     config = compose_config(zoo_overrides("lora", "objective=align", "objective.positions=last", "objective.top_k=8",
@@ -101,9 +102,10 @@ def test_cached_teacher_equals_the_cache_held(tmp_path):
 def test_activation_estimate_is_within_a_factor_of_two_of_what_backward_keeps():
     """Saved-tensor hooks see every tensor autograd keeps for backward (the merged weights counted apart):
     a deterministic measure, unlike RSS. The per-layer constants are an estimate: a factor of 2 either way."""
+    from adamerge.building import build_datamodule
+    from adamerge.loading import build_pool, build_tokenizer, raw_task_vectors
     from adamerge.merged import MergedModel
     from adamerge.objectives import Entropy
-    from adamerge.run import build_datamodule, build_pool, build_tokenizer, raw_task_vectors
 
     config = compose_config(zoo_overrides("experts", "objective=entropy", "objective.positions=last",
                                           "data.max_length=6", "data.batch_size=16", "trainer.max_steps=1"))
@@ -263,9 +265,9 @@ def test_slurm_launcher_follows_the_trainer():
 
 
 def test_doge_state_equals_what_the_objective_holds():
+    from adamerge.loading import build_pool, raw_task_vectors
     from adamerge.merged import MergedModel
     from adamerge.objectives import Projected
-    from adamerge.run import build_pool, raw_task_vectors
 
     config = compose_config(zoo_overrides("experts", "method=doge", "trainer.max_steps=1"))
     pool = build_pool(config["pool"])

@@ -10,7 +10,7 @@ from conftest import llama, output_of
 from torch import nn
 
 from adamerge import AdamergeError, ExpertPool, Layer, MergedModel
-from adamerge.pool import describe_tensor
+from adamerge.tensors import describe_tensor
 
 
 def expected_stack(family, name: str) -> torch.Tensor:

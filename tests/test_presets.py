@@ -13,8 +13,9 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from tiny import write_zoo
 
-from adamerge.__main__ import open_mapping_overrides
-from adamerge.run import as_dict, build_pool, prepare_task_vectors, raw_task_vectors, run
+from adamerge.loading import as_dict, build_pool, prepare_task_vectors, raw_task_vectors
+from adamerge.overrides import open_mapping_overrides
+from adamerge.run import run
 from adamerge.training import build_schedule
 
 ROOT = Path(__file__).resolve().parents[1]

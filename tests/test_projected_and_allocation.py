@@ -12,7 +12,7 @@ from tiny import build_module, quiet_trainer, tiny_parts, write_zoo
 from adamerge.allocation import allocate_chunks, tensor_importance
 from adamerge.data import DataFree
 from adamerge.errors import AdamergeError
-from adamerge.pool import TensorInfo
+from adamerge.tensors import TensorInfo
 
 GRANULARITIES = [{"name": "task"}, {"name": "layer"}, {"name": "block", "partitions": 2},
                  {"name": "chunk", "chunks": {"*": 2}}, {"name": "column"}]

@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 
 from adamerge import AdamergeError
 from adamerge.granularity import Task
+from adamerge.loading import apply_preprocess
 from adamerge.merged import MergedModel
-from adamerge.run import apply_preprocess
 from adamerge.taskvectors import TaskVectors, agreeing
 
 SEED = 5

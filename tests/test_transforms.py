@@ -270,8 +270,9 @@ def test_learned_coefficients_on_top_of_tsv(tmp_path):
     from hydra import compose, initialize_config_module
     from tiny import write_zoo
 
-    from adamerge.__main__ import open_mapping_overrides
-    from adamerge.run import as_dict, run
+    from adamerge.loading import as_dict
+    from adamerge.overrides import open_mapping_overrides
+    from adamerge.run import run
 
     zoo = write_zoo(tmp_path / "zoo", rows=4)
     overrides = [*zoo.cli_args(), "method=adamerging_task", "pool.preprocess.method=tsv",

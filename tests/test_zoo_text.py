@@ -116,7 +116,7 @@ def test_build_writes_classifiers_with_their_own_heads(tiny_zoo, monkeypatch):
 
 def test_task_checkpoints_reproduce_the_merged_model_exactly(tiny_zoo, tmp_path):
     """Different head shapes (2, 3, 4, 6 labels) on one merged MiniLM backbone, folded per task."""
-    from adamerge.run import write_task_checkpoints
+    from adamerge.writing import write_task_checkpoints
 
     pool = ExpertPool(tiny_zoo.base, tiny_zoo.experts, auto_class="AutoModelForSequenceClassification",
                       exclude=["word_embeddings"])
