@@ -19,6 +19,7 @@ from adamerge.merged import MergedModel
 from adamerge.objectives.base import Objective
 from adamerge.options import construct
 from adamerge.pool import ExpertPool
+from adamerge.sensitivity import apply_sens_init
 from adamerge.taskvectors import TaskVectors
 
 if TYPE_CHECKING:
@@ -64,7 +65,8 @@ def build_datamodule(cfg: Mapping, rows: Mapping[str, Sequence[Mapping]] | None,
 
 def build_merged(pool: ExpertPool, task_vectors: TaskVectors, config: Mapping, objective: Objective, data, tokenizer,
                  run_dir: Path, max_steps: int, logger: Logger | None = None) -> tuple[MergedModel, int]:
-    """The MergedModel to train; with ``granularity.budget`` (chunk), after Expert Merging++'s stage 1.
+    """The MergedModel to train; with ``granularity.budget`` (chunk), after Expert Merging++'s stage 1; with
+    ``granularity.init=sens``, at Sens-Merging's coefficients (computed here from ``data``).
 
     Returns the model and the number of steps left for the main fit.
     """
@@ -75,7 +77,10 @@ def build_merged(pool: ExpertPool, task_vectors: TaskVectors, config: Mapping, o
         budget = round(float(per_tensor) * len(task_vectors.infos))
     if not budget:
         granularity = construct(GRANULARITIES, "granularity", gran_cfg)
-        return MergedModel(pool.base, task_vectors, granularity, bool(config.get("recompute"))), max_steps
+        merged = MergedModel(pool.base, task_vectors, granularity, bool(config.get("recompute")))
+        if granularity.init == "sens":  # Sens-Merging's coefficients, from the calibration data
+            apply_sens_init(merged, data)
+        return merged, max_steps
     if gran_cfg.get("name") != "chunk":
         raise AdamergeError("granularity.budget (Expert Merging++ allocation) needs granularity=chunk")
     steps1 = int(stage1_steps or max_steps // 2)

@@ -19,6 +19,7 @@ from adamerge.objectives import OBJECTIVES, Objective
 from adamerge.options import construct, parse_offload
 from adamerge.pool import ExpertPool, is_local
 from adamerge.publish import hub_options
+from adamerge.sensitivity import require_data
 from adamerge.validate import check_known_keys, check_numbers, check_task_names
 
 
@@ -77,6 +78,8 @@ def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None
     causal = is_causal(pool) if pool is not None else "CausalLM" in str(pool_cfg.get("auto_class", "CausalLM"))
     rows = load_calibration(config.get("data") or {}, experts, objective, causal) \
         if needs_calibration(config, objective) else None
+    if (config.get("granularity") or {}).get("init") == "sens":
+        require_data(rows)
     load_test_sets(config.get("eval") or {}, causal)  # read again for the evaluation: small, and checked now
     if config.get("resume"):
         granularity = GRANULARITIES.get((config.get("granularity") or {}).get("name"))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from adamerge.errors import AdamergeError
+from adamerge.masks import build_mask
 from adamerge.tensors import TensorInfo
 
 Transform = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
@@ -46,22 +47,29 @@ class Granularity(nn.Module):
     """Base class. Subclasses define ``count`` (coefficients per expert for a tensor) and ``expand``.
 
     Args:
-        init: initial coefficient: one float for all experts, a mapping expert -> float, or
-            ``"uniform"`` (1/K each, the experts' simple average).
+        init: initial coefficient: one float for all experts, a mapping expert -> float,
+            ``"uniform"`` (1/K each, the experts' simple average), or ``"sens"``: Sens-Merging's layer-wise
+            values (arXiv 2502.12420), computed from calibration data before training
+            (``sensitivity.apply_sens_init``; until then ``sens_scale`` each).
         lines_beta: LiNeS (arXiv 2410.17146): the coefficients of block ``l`` of ``L`` (the first
             ``.N.`` in a tensor's name) start at ``init + lines_beta * l / (L - 1)``, tensors outside
             the blocks at ``init`` (github.com/wang-kee/LiNeS, src/eval/eval.py ``LiNeS_scaling``,
             with ``alpha`` = ``init``). Needs a coefficient per tensor (not ``granularity=task``).
+        sens_scale, sens_temperature: Sens-Merging's ``lambda`` and softmax temperature (``init=sens``).
         transform: applied to the raw parameters before use (see ``TRANSFORMS``).
         space: ``task_vectors`` merges ``W0 + sum_k c_k tau_k``; ``weights`` merges
             ``sum_k c_k W_k`` (DAM's form), computed from the same stack.
+        mask: a Concrete mask over the task vectors (arXiv 2312.06173, ``adamerge.masks``): null, ``shared``,
+            ``per_task``, or a mapping of ``ConcreteMask``'s options; ``broadcast`` then gives elementwise
+            coefficients ``c_k * m``.
     """
 
     state_prefix = "granularity."  # keys of ``state_tensors`` in the saved coefficients file
 
     def __init__(
         self, init: float | str | Mapping[str, float] = 0.3, transform: str = "identity", space: str = "task_vectors",
-        lines_beta: float | None = None,
+        lines_beta: float | None = None, sens_scale: float = 1.0, sens_temperature: float = 1.0,
+        mask: Mapping | str | None = None,
     ) -> None:
         super().__init__()
         if transform not in TRANSFORMS:
@@ -71,10 +79,14 @@ class Granularity(nn.Module):
         if lines_beta is not None and (isinstance(lines_beta, bool) or not isinstance(lines_beta, int | float)
                                        or not math.isfinite(lines_beta)):
             raise AdamergeError(f"granularity.lines_beta={lines_beta!r} must be a number or null")
+        if not sens_temperature > 0:
+            raise AdamergeError(f"granularity.sens_temperature={sens_temperature!r} must be > 0")
         self.init, self.transform, self.space, self.lines_beta = init, transform, space, lines_beta
+        self.sens_scale, self.sens_temperature = float(sens_scale), float(sens_temperature)
         self.raw = nn.ParameterDict()
         self.keys: dict[str, str] = {}  # tensor name -> key of its group in ``raw``
         self.infos: dict[str, TensorInfo] = {}
+        self.mask = build_mask(mask, space)  # None without a mask
 
     # ---- what subclasses define ---------------------------------------------------------------
 
@@ -108,11 +120,15 @@ class Granularity(nn.Module):
                 continue
             start = self.checked([v + float(self.lines_beta) * depths[info.name] if depths else v for v in init])
             self.raw[key] = nn.Parameter(TRANSFORMS[self.transform][1](start)[:, None].repeat(1, self.count(info)))
+        if self.mask is not None:
+            self.mask.setup(experts, infos)
 
     def init_values(self, experts: Sequence[str]) -> torch.Tensor:
         """The ``(K,)`` initial coefficients, validated against the transform's range."""
         if self.init == "uniform":  # 1/K each: the simple average of the experts
             values = [1.0 / len(experts)] * len(experts)
+        elif self.init == "sens":  # what Sens-Merging gives where every expert is equally sensitive
+            values = [self.sens_scale] * len(experts)
         elif isinstance(self.init, Mapping):
             missing = [e for e in experts if e not in self.init]
             if missing:
@@ -138,8 +154,9 @@ class Granularity(nn.Module):
         return TRANSFORMS[self.transform][0](self.raw[self.keys[name]])
 
     def broadcast(self, name: str) -> torch.Tensor:
-        """Coefficients for tensor ``name``, broadcastable against its ``(K, *shape)`` stack."""
-        return self.expand(self.coefficients(name), self.infos[name])
+        """Coefficients for tensor ``name``, broadcastable against its ``(K, *shape)`` stack (times the mask)."""
+        coef = self.expand(self.coefficients(name), self.infos[name])
+        return coef if self.mask is None else self.mask.apply(name, coef)
 
     def groups(self) -> dict[str, torch.Tensor]:
         """Transformed ``(K, n)`` coefficients of every group, with grad (for regularizers)."""
@@ -153,10 +170,12 @@ class Granularity(nn.Module):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors besides the coefficients that define the merge (keys start with ``state_prefix``);
         saved beside the coefficients so that ``adamerge fold`` rebuilds the same merge."""
-        return {}
+        return {} if self.mask is None else self.mask.state_tensors(self.state_prefix)
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Restore ``state_tensors()`` from a saved file (which may hold other keys too)."""
+        if self.mask is not None:
+            self.mask.load_state_tensors(tensors, self.state_prefix)
 
     @torch.no_grad()
     def load_table(self, table: Mapping[str, torch.Tensor]) -> None:
@@ -282,10 +301,12 @@ class Block(RowChunks):
         return owner_of_elements(getattr(self.masks, shape_key(info.shape)), coef)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{self.state_prefix}partition.{key}": mask for key, mask in self.masks.named_buffers()}
+        partitions = {f"{self.state_prefix}partition.{key}": mask for key, mask in self.masks.named_buffers()}
+        return {**super().state_tensors(), **partitions}
 
     @torch.no_grad()
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        super().load_state_tensors(tensors)
         for key, mask in self.masks.named_buffers():
             saved = tensors.get(f"{self.state_prefix}partition.{key}")
             if saved is None or saved.shape != mask.shape:

@@ -21,6 +21,7 @@ temperature 1, ``K * sigma``), which sums per-sample sensitivities: here the bat
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -29,6 +30,8 @@ from torch.func import functional_call
 from adamerge.data import model_inputs
 from adamerge.errors import AdamergeError
 from adamerge.granularity import BLOCK_INDEX
+
+log = logging.getLogger(__name__)
 
 
 def layer_of(name: str) -> str:
@@ -107,6 +110,8 @@ def sens_table(merged, data, temperature: float = 1.0, scale: float = 1.0) -> di
     if missing:
         raise AdamergeError(f"granularity.init=sens needs calibration data for every expert; none for {missing}")
     batches = {e: list(data.loader(e, shuffle=False)) for e in merged.experts}
+    if any("position_ids" not in b for task_batches in batches.values() for b in task_batches):
+        raise AdamergeError("granularity.init=sens scores next-token losses and logits: it needs a causal LM")
     layers = sorted({layer_of(n) for n in merged.names})
     alpha = task_specific_scaling([expert_sensitivity(merged, k, batches[e]) for k, e in enumerate(merged.experts)],
                                   layers)
@@ -116,3 +121,23 @@ def sens_table(merged, data, temperature: float = 1.0, scale: float = 1.0) -> di
     coefficients = sens_coefficients(alpha, cross_task_scaling(gaps), temperature, scale)
     column = {layer: coefficients[:, i : i + 1] for i, layer in enumerate(layers)}
     return {group: column[next(iter(layer_set))] for group, layer_set in groups.items()}
+
+
+def require_data(data) -> None:
+    """Refuse ``granularity.init=sens`` without calibration data (rows or a data module)."""
+    if data is None:
+        raise AdamergeError("granularity.init=sens computes the coefficients from calibration data: set "
+                            "data.paths.TASK=FILE for every expert (and an objective that reads data)")
+
+
+def apply_sens_init(merged, data) -> None:
+    """``granularity.init=sens``: replace the provisional coefficients by Sens-Merging's, before training."""
+    require_data(data)
+    g = merged.granularity
+    table = sens_table(merged, data, g.sens_temperature, g.sens_scale)
+    values = torch.cat(list(table.values()), dim=1)
+    g.checked(values.flatten().tolist())  # e.g. above 1 under transform=sigmoid: refused, not NaN
+    g.load_table(table)
+    log.info("Sens-Merging init: per expert min / mean / max %s", [
+        f"{lo:.3f} / {mean:.3f} / {hi:.3f}" for lo, mean, hi in zip(
+            values.min(1).values.tolist(), values.mean(1).tolist(), values.max(1).values.tolist(), strict=True)])

@@ -84,15 +84,15 @@ def positive_number(value: Any, key: str) -> None:
 
 
 def check_init(init: Any) -> None:
-    """``granularity.init``: ``uniform``, a finite number, or expert -> finite number (ranges are the
+    """``granularity.init``: ``uniform``, ``sens``, a finite number, or expert -> finite number (ranges are the
     granularity's to check, against its transform)."""
     values = init.values() if isinstance(init, Mapping) else [init]
-    if init == "uniform":
+    if init in ("uniform", "sens"):
         return
     for v in values:
         if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
             raise AdamergeError(f"granularity.init={v!r} must be a finite number, a mapping expert -> number, "
-                                "or uniform")
+                                "uniform or sens")
 
 
 def check_numbers(config: Mapping[str, Any]) -> None:

@@ -252,3 +252,30 @@ def test_the_card_names_the_method(config, name):
     from adamerge.card import PAPERS, method_name
 
     assert method_name(config) == name and name in PAPERS
+
+
+def test_sens_preset_runs_from_the_cli_config(tmp_path):
+    """``method=sens_merging``: the run's coefficients are Sens-Merging's (computed from the calibration data,
+    not the provisional init), and without data the run says so before any training."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+    from tiny import write_zoo
+
+    from adamerge import AdamergeError
+    from adamerge.overrides import open_mapping_overrides
+    from adamerge.run import run
+
+    zoo = write_zoo(tmp_path / "zoo", rows=4)
+    overrides = [*zoo.cli_args(), "method=sens_merging", "logger=none", "output_dir=null", "data.batch_size=2",
+                 "trainer.accelerator=cpu"]
+    with initialize_config_module("adamerge.conf", version_base=None):
+        cfg = compose("config", overrides=open_mapping_overrides(overrides))
+    result = run(cfg, tmp_path / "run")
+    values = torch.cat(list(result.coefficients.values()), dim=1)
+    assert values.std() > 0 and not torch.allclose(values, torch.full_like(values, 0.3))
+    assert torch.allclose(values.mean(0), torch.full((values.shape[1],), 0.3))  # scale * K * softmax: mean 0.3
+    no_data = OmegaConf.to_container(cfg, resolve=True)
+    no_data["data"]["paths"] = {}
+    with pytest.raises(AdamergeError, match="granularity.init=sens computes the coefficients from calibration data"):
+        run(OmegaConf.create(no_data), tmp_path / "run2")
+    assert not (tmp_path / "run2").exists()  # refused before anything was loaded or written
