@@ -40,7 +40,7 @@ from adamerge.tensors import TensorInfo
 
 KINDS = ("shared", "per_task")
 log = logging.getLogger(__name__)
-STATE_PREFIX = "mask."  # inside the granularity's state tensors: ``granularity.mask.<tensor>``
+STATE_PREFIX = "mask."  # keys of the saved logits, after the granularity's prefix
 
 
 def relaxed_bernoulli(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -127,13 +127,14 @@ class ConcreteMask(nn.Module):
         kept = sum(int((p >= 0).sum()) for p in self.logits.values())
         return kept / max(sum(p.numel() for p in self.logits.values()), 1)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {STATE_PREFIX + name: p.detach() for name, p in self.logits.items()}
+    def state_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The logits, keyed ``<prefix>mask.<tensor name>``: what a refold needs to rebuild the hard mask."""
+        return {f"{prefix}{STATE_PREFIX}{name.replace('/', '.')}": p.detach() for name, p in self.logits.items()}
 
     @torch.no_grad()
-    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> None:
         for name, p in self.logits.items():
-            saved = tensors.get(STATE_PREFIX + name)
+            saved = tensors.get(f"{prefix}{STATE_PREFIX}{name.replace('/', '.')}")
             if saved is None or saved.shape != p.shape:
                 raise AdamergeError(f"the saved coefficients hold no mask logits of shape {tuple(p.shape)} "
                                     f"for {name.replace('/', '.')!r}")

@@ -25,6 +25,7 @@ from adamerge.checkpointing import (
 from adamerge.data import DataFree
 from adamerge.errors import AdamergeError
 from adamerge.frank_wolfe import FrankWolfe
+from adamerge.masks import param_groups
 from adamerge.merged import MergedModel
 from adamerge.objectives.base import Objective
 from adamerge.terminal import StepProgressBar
@@ -74,9 +75,16 @@ class MergeModule(pl.LightningModule):
         """The mode of the paper's loop: dropout on or off as the objective declares (``Objective.dropout``)."""
         self.merged.train(self.objective.dropout)
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """A Concrete mask learns (relaxed) during its steps, then is hard (``masks.ConcreteMask.begin_step``)."""
+        if self.merged.granularity.mask is not None:
+            self.merged.granularity.mask.begin_step(self.global_step)
+
     def on_train_end(self) -> None:
         """Back to eval mode for what follows training: the fold check, evaluation, the next stage."""
         self.eval()
+        if self.merged.granularity.mask is not None:
+            self.merged.granularity.mask.finish()
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -123,7 +131,7 @@ class MergeModule(pl.LightningModule):
                 self.log(f"coef/{name}/std", coef[k].std() if coef.shape[1] > 1 else torch.zeros(()))
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(list(self.trainable().values()), **self.optim)
+        optimizer = build_optimizer(param_groups(self.trainable(), self.merged.granularity.mask), **self.optim)
         schedule = build_schedule(optimizer, max_steps=self.trainer.max_steps, **self.optim)
         if schedule is None:
             return optimizer
