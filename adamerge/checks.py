@@ -15,6 +15,7 @@ from adamerge.granularity import GRANULARITIES
 from adamerge.harness import HarnessOptions, harness_options
 from adamerge.loading import is_causal, load_calibration, load_test_sets
 from adamerge.lora_output import output_options
+from adamerge.masks import build_mask
 from adamerge.objectives import OBJECTIVES, Objective
 from adamerge.options import construct, parse_offload
 from adamerge.pool import ExpertPool, is_local
@@ -78,8 +79,10 @@ def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None
     causal = is_causal(pool) if pool is not None else "CausalLM" in str(pool_cfg.get("auto_class", "CausalLM"))
     rows = load_calibration(config.get("data") or {}, experts, objective, causal) \
         if needs_calibration(config, objective) else None
-    if (config.get("granularity") or {}).get("init") == "sens":
+    gran_cfg = config.get("granularity") or {}
+    if gran_cfg.get("init") == "sens":
         require_data(rows)
+    build_mask(gran_cfg.get("mask"), gran_cfg.get("space", "task_vectors"))  # the Concrete mask's options
     load_test_sets(config.get("eval") or {}, causal)  # read again for the evaluation: small, and checked now
     if config.get("resume"):
         granularity = GRANULARITIES.get((config.get("granularity") or {}).get("name"))

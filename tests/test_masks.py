@@ -211,3 +211,18 @@ def test_the_presets_carry_the_released_codes_values():
         mask = cfg.granularity.mask
         assert (mask.kind, mask.temperature, mask.init_logits, mask.rescale, cfg.optim.lr) == (
             "shared", 0.5, 0.0, True, 1e-3)
+
+
+def test_bad_mask_options_are_refused_before_loading(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from adamerge.__main__ import open_mapping_overrides
+    from adamerge.run import run
+
+    overrides = ["method=concrete_ta", "granularity.mask.kind=both", "pool.base=/nonexistent/base", "output_dir=null",
+                 "trainer.max_steps=0", "logger=none"]
+    with initialize_config_module("adamerge.conf", version_base=None):
+        cfg = compose("config", overrides=open_mapping_overrides(overrides))
+    with pytest.raises(AdamergeError, match=r"granularity\.mask\.kind='both'"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
