@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adamerge.checkpointing import read_resume
+from adamerge.closed_form import check_closed_form
 from adamerge.errors import AdamergeError
 from adamerge.export import check_output_dir
 from adamerge.granularity import GRANULARITIES
@@ -83,6 +84,7 @@ def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None
     if gran_cfg.get("init") == "sens":
         require_data(rows)
     build_mask(gran_cfg.get("mask"), gran_cfg.get("space", "task_vectors"))  # the Concrete mask's options
+    check_closed_form(config, rows)
     load_test_sets(config.get("eval") or {}, causal)  # read again for the evaluation: small, and checked now
     if config.get("resume"):
         granularity = GRANULARITIES.get((config.get("granularity") or {}).get("name"))

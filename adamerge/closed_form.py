@@ -51,8 +51,9 @@ from adamerge.errors import AdamergeError
 from adamerge.granularity import Task
 from adamerge.merged import MergedModel
 from adamerge.objectives.base import POSITIONS, Objective
-from adamerge.statistics import expert_batches, expert_fisher, expert_grams, is_input_first, linear_layers
+from adamerge.statistics import expert_batches, expert_fisher, expert_grams
 from adamerge.taskvectors import TaskVectors
+from adamerge.tensors import is_input_first, linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,18 @@ def closed_form_options(cfg: Mapping | None) -> ClosedForm:
         return ClosedForm(**dict(cfg or {}))
     except TypeError as e:
         raise AdamergeError(f"closed_form: {e}") from e
+
+
+def require_calibration(spec: ClosedForm, data) -> None:
+    """Refuse a closed-form method without calibration data (rows or a data module)."""
+    if spec.enabled and data is None:
+        raise AdamergeError(f"closed_form.method={spec.method} needs calibration data: set data.paths.TASK=FILE "
+                            "for each expert (and an objective that reads data)")
+
+
+def check_closed_form(config: Mapping, rows) -> None:
+    """``closed_form`` checked before any model loads: its options, and the calibration rows it needs."""
+    require_calibration(closed_form_options(config.get("closed_form")), rows)
 
 
 def off_diagonal_scaled(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -258,9 +271,7 @@ def closed_form_task_vectors(tv: TaskVectors, base: nn.Module, data, spec: Close
     The experts are ``W0 + tau_k`` of ``tv`` (after ``pool.preprocess``), run in teacher mode on their own
     task's first ``spec.examples`` calibration rows (``data``: a ``TaskDataModule`` whose tasks are the experts).
     """
-    if data is None:
-        raise AdamergeError(f"closed_form.method={spec.method} needs calibration data: set data.paths.TASK=FILE "
-                            "for each expert")
+    require_calibration(spec, data)
     dense = tv.densified(f"closed_form.method={spec.method} solves on dense values")
     teacher = MergedModel(base, dense, Task(init=0.0))  # teacher mode only: shares the base and the stacks
     scorer = Objective(positions=spec.positions, new_tokens=spec.new_tokens)
@@ -273,3 +284,9 @@ def closed_form_task_vectors(tv: TaskVectors, base: nn.Module, data, spec: Close
     pieces = SOLVERS[spec.method](teacher, stacks, spec, batches_of)
     out = replace(dense, stacks={n: pieces[n] for n in dense.names}, offloaded=False)
     return out.offload() if tv.offloaded else out
+
+
+def closed_form_merge(tv: TaskVectors, base: nn.Module, config: Mapping, data, tokenizer=None) -> TaskVectors:
+    """A run config's ``closed_form`` applied to ``tv`` (``tv`` itself when ``closed_form.method=none``)."""
+    spec = closed_form_options(config.get("closed_form"))
+    return closed_form_task_vectors(tv, base, data, spec, tokenizer) if spec.enabled else tv

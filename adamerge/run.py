@@ -18,6 +18,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from adamerge.building import build_datamodule, build_merged, max_positions
 from adamerge.checks import check_before_loading, protected_inputs
+from adamerge.closed_form import closed_form_merge
 from adamerge.evaluate import evaluate_merged, fold_difference, task_vectors_and_references
 from adamerge.loading import as_dict, build_pool, build_tokenizer, is_causal
 from adamerge.loggers import build_logger, finish_logger
@@ -55,6 +56,7 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     causal = is_causal(pool)
     data = build_datamodule(config.get("data") or {}, checked.rows, tokenizer, objective, causal, seed,
                             max_positions(pool.base), getattr(getattr(pool.base, "config", None), "bos_token_id", None))
+    task_vectors = closed_form_merge(task_vectors, pool.base, config, data, tokenizer)  # (closed_form.method)
     max_steps = int((config.get("trainer") or {}).get("max_steps", 0))
     logger = build_logger(config.get("logger"), run_dir, config)
     merged, steps_left = build_merged(pool, task_vectors, config, objective, data, tokenizer, run_dir, max_steps,

@@ -31,27 +31,8 @@ from torch.func import functional_call
 from adamerge.data import model_inputs
 from adamerge.merged import MergedModel
 from adamerge.objectives.base import Objective, is_causal_batch, pack_rows, scored_logits
-from adamerge.tensors import INPUT_FIRST_MODULES
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # model inputs, (B, P) mask of scored positions
-
-
-def linear_layers(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """Merged weight name -> its Linear or Conv1D module: the layers RegMean solves for (others are averaged)."""
-    layers = {}
-    for name in names:
-        module_name, _, leaf = name.rpartition(".")
-        if leaf != "weight" or not module_name:
-            continue
-        module = model.get_submodule(module_name)
-        if isinstance(module, nn.Linear) or type(module).__name__ in INPUT_FIRST_MODULES:
-            layers[name] = module
-    return layers
-
-
-def is_input_first(module: nn.Module) -> bool:
-    """GPT-2's Conv1D stores its weight (in, out); nn.Linear stores (out, in)."""
-    return type(module).__name__ in INPUT_FIRST_MODULES
 
 
 def scored_batch(model: nn.Module, batch: Mapping[str, torch.Tensor], scorer: Objective) -> Batch:

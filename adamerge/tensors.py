@@ -1,4 +1,5 @@
-"""The description of one merged tensor: its name, shape, kind and feature axis.
+"""The description of one merged tensor: its name, shape, kind and feature axis (and which merged weights are
+Linear / Conv1D layers').
 
 Shared by the loader (``pool.py``), the task vectors, the granularities, the allocation and the plan; kept
 apart from all of them so that each depends on it and none on another for it.
@@ -6,6 +7,7 @@ apart from all of them so that each depends on it and none on another for it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -37,3 +39,22 @@ def describe_tensor(model: nn.Module, name: str, param: torch.Tensor) -> TensorI
     if leaf == "bias":
         return TensorInfo(name, shape, "bias", None)
     return TensorInfo(name, shape, "vector", 0)
+
+
+def linear_layers(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """Merged weight name -> its Linear or Conv1D module: the layers whose inputs' Gram matrices the
+    closed-form merges solve with (``adamerge/closed_form.py``; the plan counts their memory)."""
+    layers = {}
+    for name in names:
+        module_name, _, leaf = name.rpartition(".")
+        if leaf != "weight" or not module_name:
+            continue
+        module = model.get_submodule(module_name)
+        if isinstance(module, nn.Linear) or type(module).__name__ in INPUT_FIRST_MODULES:
+            layers[name] = module
+    return layers
+
+
+def is_input_first(module: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight (in, out); nn.Linear stores (out, in)."""
+    return type(module).__name__ in INPUT_FIRST_MODULES

@@ -6,16 +6,31 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra import compose, initialize_config_module
+from safetensors.torch import load_file
 from tiny import tiny_parts, write_zoo
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adamerge.closed_form import ClosedForm, closed_form_task_vectors, fisher_weights, mats, regmean
+from adamerge.building import build_datamodule, max_positions
+from adamerge.closed_form import (
+    ClosedForm,
+    closed_form_options,
+    closed_form_task_vectors,
+    fisher_weights,
+    mats,
+    regmean,
+)
 from adamerge.data import Collator, TaskDataModule
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Task
+from adamerge.loading import as_dict, build_pool, build_task_vectors, build_tokenizer, load_calibration
 from adamerge.merged import MergedModel
+from adamerge.objectives import OBJECTIVES
 from adamerge.objectives.base import Objective
+from adamerge.options import construct
+from adamerge.overrides import open_mapping_overrides
+from adamerge.run import run
 from adamerge.statistics import expert_batches, expert_fisher, label_expectation
 from adamerge.taskvectors import TaskVectors
 from adamerge.tensors import describe_tensor
@@ -125,6 +140,60 @@ def test_closed_form_options_are_checked():
         ClosedForm(method="regmean", alpha=1.5)
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return write_zoo(tmp_path_factory.mktemp("closed_form_zoo"))
+def composed_config(*overrides: str) -> dict:
+    with initialize_config_module("adamerge.conf", version_base=None):
+        return as_dict(compose("config", overrides=open_mapping_overrides(list(overrides))))
+
+
+def pieces_as_run_computes_them(zoo, *overrides: str):
+    """W0 and the closed-form pieces, through the blocks ``run`` uses (same data, same order)."""
+    cfg = composed_config(*zoo.cli_args(), *overrides, "output_dir=null")
+    pool = build_pool(cfg["pool"])
+    tokenizer = build_tokenizer(pool)
+    objective = construct(OBJECTIVES, "objective", cfg["objective"])
+    rows = load_calibration(cfg["data"], pool.expert_names, objective, True)
+    data = build_datamodule(cfg["data"], rows, tokenizer, objective, True, 0, max_positions(pool.base),
+                            pool.base.config.bos_token_id)
+    tv = closed_form_task_vectors(build_task_vectors(pool, cfg["pool"]), pool.base, data,
+                                  closed_form_options(cfg["closed_form"]), tokenizer)
+    return dict(pool.base.named_parameters()), tv.stacks
+
+
+def written(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(output_dir / "model.safetensors"))
+
+
+QUIET = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_checkpointing=false",
+         "trainer.accelerator=cpu", "data.batch_size=4"]
+
+
+def test_regmean_preset_writes_the_closed_form_and_a_learned_run_composes_on_top(tmp_path):
+    """``method=regmean`` writes W0 + sum_k piece_k (RegMean on linear weights, the average elsewhere);
+    AdaMerging task-wise with ``closed_form.method=regmean`` and init 1 learns c and writes W0 + sum_k c_k piece_k."""
+    zoo = write_zoo(tmp_path / "zoo")
+    w0, pieces = pieces_as_run_computes_them(zoo, "method=regmean", *QUIET)
+    linear, norm = "model.layers.0.mlp.down_proj.weight", "model.norm.weight"
+
+    static = run(composed_config(*zoo.cli_args(), "method=regmean", *QUIET, f"output_dir={tmp_path / 'rm'}"),
+                 tmp_path / "run_rm")
+    weights = written(static.output_dir)
+    assert torch.allclose(weights[linear], w0[linear] + pieces[linear].sum(0), atol=1e-6)
+    raw = build_task_vectors(build_pool(composed_config(*zoo.cli_args(), "output_dir=null")["pool"]), {})
+    assert torch.allclose(weights[norm], w0[norm] + raw.stacks[norm].mean(0), atol=1e-6)
+    assert not torch.allclose(weights[linear], w0[linear] + raw.stacks[linear].mean(0), atol=1e-4)
+
+    learned = run(composed_config(*zoo.cli_args(), "method=adamerging_task", "closed_form.method=regmean",
+                                  "granularity.init=1.0", "granularity.transform=identity", "trainer.max_steps=2",
+                                  "trainer.accumulate_grad_batches=1", "optim.lr=0.05", *QUIET,
+                                  f"output_dir={tmp_path / 'ada'}"), tmp_path / "run_ada")
+    c = learned.coefficients["task"].flatten()
+    assert not torch.allclose(c, torch.ones_like(c))  # the coefficients moved off the closed form
+    expected = w0[linear] + (c.view(-1, 1, 1) * pieces[linear]).sum(0)
+    assert torch.allclose(written(learned.output_dir)[linear], expected, atol=1e-5)
+
+
+def test_closed_form_needs_calibration_data(tmp_path):
+    zoo = write_zoo(tmp_path / "zoo")
+    args = [a for a in zoo.cli_args() if not a.startswith("data.paths")]
+    with pytest.raises(AdamergeError, match="closed_form.method=fisher needs calibration data"):
+        run(composed_config(*args, "method=fisher", *QUIET, "output_dir=null"), tmp_path / "run")
