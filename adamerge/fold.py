@@ -1,8 +1,9 @@
 """``adamerge fold OUTPUT_DIR --output NEW_DIR``: fold a run's saved coefficients again, without training.
 
 Reads ``adamerge_config.yaml`` and ``adamerge_coefficients.safetensors`` from a folded checkpoint,
-rebuilds the pool and task vectors from the recorded sources, loads the coefficients as they were
-learned (transform already applied) and writes a new folded checkpoint.
+rebuilds the pool and task vectors from the recorded sources (a closed-form run's pieces from its
+calibration data again), loads the coefficients as they were learned (transform already applied) and
+writes a new folded checkpoint.
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from adamerge.building import build_datamodule, max_positions
 from adamerge.checks import protected_inputs
+from adamerge.closed_form import closed_form_merge, closed_form_options
 from adamerge.errors import AdamergeError
 from adamerge.export import COEFFICIENTS_FILE, CONFIG_FILE, MARKER_KEY, check_output_dir
 from adamerge.fingerprint import changed_inputs
 from adamerge.granularity import GRANULARITIES, Granularity
-from adamerge.loading import build_pool, build_task_vectors
+from adamerge.loading import build_pool, build_task_vectors, build_tokenizer, is_causal, load_calibration
 from adamerge.merged import MergedModel
 from adamerge.objectives import OBJECTIVES, Objective
 from adamerge.options import construct
+from adamerge.pool import ExpertPool
+from adamerge.taskvectors import TaskVectors
 from adamerge.terminal import quiet
 from adamerge.writing import RunResult, write_output
 
@@ -69,6 +74,18 @@ def check_inputs_unchanged(record: dict, pool_cfg: dict, force: bool) -> None:
     log.warning("%s; folding them anyway (--force)", message)
 
 
+def closed_form_again(task_vectors: TaskVectors, pool: ExpertPool, config: dict, objective: Objective
+                      ) -> TaskVectors:
+    """A closed-form run's pieces (``closed_form.method``) computed again from the run's calibration data:
+    the same rows in the same order give the same statistics (the data files are not fingerprinted)."""
+    causal = is_causal(pool)
+    tokenizer = build_tokenizer(pool, bool(config["pool"].get("trust_remote_code")))
+    rows = load_calibration(config.get("data") or {}, pool.expert_names, objective, causal)
+    data = build_datamodule(config.get("data") or {}, rows, tokenizer, objective, causal, int(config.get("seed", 0)),
+                            max_positions(pool.base), getattr(getattr(pool.base, "config", None), "bos_token_id", None))
+    return closed_form_merge(task_vectors, pool.base, config, data, tokenizer)
+
+
 def refold(source: str | Path, output_dir: str | Path, overwrite: bool = False, force: bool = False) -> Path:
     """Fold ``source``'s coefficients into ``output_dir``; the model card is the run's, plus a refold line."""
     source = Path(source)
@@ -85,6 +102,9 @@ def refold(source: str | Path, output_dir: str | Path, overwrite: bool = False, 
     table = {k: v for k, v in saved.items() if not k.startswith(own_state)}
     pool = build_pool(config["pool"])
     task_vectors = build_task_vectors(pool, config["pool"], int(config.get("seed", 0)))
+    objective = construct(OBJECTIVES, "objective", config["objective"])
+    if closed_form_options(config.get("closed_form")).enabled:
+        task_vectors = closed_form_again(task_vectors, pool, config, objective)
     stage1_keys = ("budget", "budget_per_tensor", "stage1_steps")  # Expert Merging++'s allocation: counts are saved
     gran_cfg = {k: v for k, v in config["granularity"].items() if k not in stage1_keys}
     gran_cfg["transform"] = "identity"  # the saved coefficients are already transformed
@@ -92,7 +112,6 @@ def refold(source: str | Path, output_dir: str | Path, overwrite: bool = False, 
         gran_cfg["counts"] = {name: t.shape[1] for name, t in table.items()}
     merged = MergedModel(pool.base, task_vectors, construct(GRANULARITIES, "granularity", gran_cfg))
     merged.granularity.load_state_tensors(saved)  # aTLAS's partition masks
-    objective = construct(OBJECTIVES, "objective", config["objective"])
     objective.load_state_tensors(merged, saved)  # DOGE: the adjusted task vectors
     merged.granularity.load_table(table)
     config = {**config, "output_dir": str(output_dir), "overwrite": overwrite}

@@ -23,6 +23,7 @@ from adamerge.closed_form import (
 )
 from adamerge.data import Collator, TaskDataModule
 from adamerge.errors import AdamergeError
+from adamerge.fold import refold
 from adamerge.granularity import Task
 from adamerge.loading import as_dict, build_pool, build_task_vectors, build_tokenizer, load_calibration
 from adamerge.merged import MergedModel
@@ -168,7 +169,8 @@ QUIET = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_che
 
 
 def test_regmean_preset_writes_the_closed_form_and_a_learned_run_composes_on_top(tmp_path):
-    """``method=regmean`` writes W0 + sum_k piece_k (RegMean on linear weights, the average elsewhere);
+    """``method=regmean`` writes W0 + sum_k piece_k (RegMean on linear weights, the average elsewhere), and
+    ``adamerge fold`` writes it again;
     AdaMerging task-wise with ``closed_form.method=regmean`` and init 1 learns c and writes W0 + sum_k c_k piece_k."""
     zoo = write_zoo(tmp_path / "zoo")
     w0, pieces = pieces_as_run_computes_them(zoo, "method=regmean", *QUIET)
@@ -181,6 +183,8 @@ def test_regmean_preset_writes_the_closed_form_and_a_learned_run_composes_on_top
     raw = build_task_vectors(build_pool(composed_config(*zoo.cli_args(), "output_dir=null")["pool"]), {})
     assert torch.allclose(weights[norm], w0[norm] + raw.stacks[norm].mean(0), atol=1e-6)
     assert not torch.allclose(weights[linear], w0[linear] + raw.stacks[linear].mean(0), atol=1e-4)
+    again = written(refold(static.output_dir, tmp_path / "refolded"))  # the pieces computed again from the data
+    assert all(torch.equal(again[n], weights[n]) for n in weights)
 
     learned = run(composed_config(*zoo.cli_args(), "method=adamerging_task", "closed_form.method=regmean",
                                   "granularity.init=1.0", "granularity.transform=identity", "trainer.max_steps=2",
