@@ -9,9 +9,9 @@ from tiny import build_module, quiet_trainer, tiny_parts
 from torch import nn
 
 from adamerge import Layer, MergedModel
-from adamerge.data import DataFree
+from adamerge.datamodule import DataFree
 from adamerge.objectives import Wudi
-from adamerge.objectives.wudi import interference
+from adamerge.objectives.wudi import interference_and_grad
 from adamerge.pool import ExpertPool
 from adamerge.training import MergeModule
 
@@ -83,9 +83,23 @@ def test_wudi_with_one_expert_reproduces_it():
     torch.testing.assert_close(merged.fold()[0].weight, base[0].weight + objective.merged_deltas["0/weight"])
 
 
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5)])  # the Gram side and the direct product
+def test_wudi_gradient_is_the_formulas(shape):
+    gen = torch.Generator().manual_seed(1)
+    stack = torch.randn(3, *shape, generator=gen)
+    delta = torch.randn(shape, generator=gen, requires_grad=True)
+    wudi_reference(delta, stack).backward()
+    gram = stack.transpose(1, 2) @ stack if shape[1] < shape[0] else None
+    loss, grad = interference_and_grad(delta.detach(), stack, gram)
+    torch.testing.assert_close(loss, wudi_reference(delta.detach(), stack))
+    torch.testing.assert_close(grad, delta.grad)
+
+
 def test_wudi_interference_skips_unchanged_experts():
-    stack = torch.stack([torch.randn(3, 4), torch.zeros(3, 4)])
-    assert torch.isfinite(interference(torch.randn(3, 4), stack))
+    tau, delta = torch.randn(3, 4), torch.randn(3, 4)
+    alone = interference_and_grad(delta, tau[None])
+    with_unchanged = interference_and_grad(delta, torch.stack([tau, torch.zeros(3, 4)]))
+    torch.testing.assert_close(with_unchanged, alone)
 
 
 def test_wudi_folds_to_the_merged_delta_and_refolds_from_its_state(parts):

@@ -34,16 +34,40 @@ from adamerge.errors import AdamergeError
 from adamerge.objectives.base import Objective
 
 
-def interference(merged_delta: torch.Tensor, stack: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum_k ||(tau_m - tau_k) tau_k^T||_F^2 / ||tau_k||_F^2`` for one ``(K, rows, cols)`` stack; an expert
-    that left the matrix unchanged (``tau_k = 0``) adds nothing. ``gram``: ``tau_k^T tau_k`` per expert."""
-    gap = merged_delta - stack
-    if gram is None:
-        per_expert = (gap @ stack.transpose(1, 2)).pow(2).flatten(1).sum(1)
-    else:
-        per_expert = ((gap @ gram) * gap).flatten(1).sum(1)
-    sq_norms = stack.flatten(1).pow(2).sum(1)
-    return torch.where(sq_norms > 0, per_expert / sq_norms.clamp(min=torch.finfo(sq_norms.dtype).tiny), 0).sum()
+@torch.no_grad()
+def interference_and_grad(merged_delta: torch.Tensor, stack: torch.Tensor, gram: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_k ||(tau_m - tau_k) tau_k^T||_F^2 / ||tau_k||_F^2`` for one ``(K, rows, cols)`` stack and its gradient
+    ``sum_k 2 (tau_m - tau_k) tau_k^T tau_k / ||tau_k||^2``, one expert at a time in fp32 (temporaries of one
+    expert's matrix, whatever K is). An expert that left the matrix unchanged (``tau_k = 0``) adds nothing.
+    ``gram``: ``tau_k^T tau_k`` per expert, read instead of ``(rows x rows)`` products."""
+    loss, grad = torch.zeros((), device=merged_delta.device), torch.zeros_like(merged_delta, dtype=torch.float32)
+    for k, tau in enumerate(stack):
+        tau = tau.float()
+        sq_norm = tau.pow(2).sum()
+        if sq_norm == 0:
+            continue
+        gap = merged_delta.float() - tau
+        projected = gap @ gram[k] if gram is not None else (gap @ tau.T) @ tau  # D tau^T tau
+        loss += (projected * gap).sum() / sq_norm  # <D tau^T tau, D> = ||D tau^T||^2
+        grad += projected.mul_(2 / sq_norm)
+    return loss, grad
+
+
+class Interference(torch.autograd.Function):
+    """The loss of one matrix with its gradient computed in forward: autograd keeps one ``(rows, cols)`` tensor
+    per matrix instead of the K-sized temporaries of the expression."""
+
+    @staticmethod
+    def forward(ctx, merged_delta: torch.Tensor, stack: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
+        loss, grad = interference_and_grad(merged_delta, stack, gram)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad_output * grad, None, None
 
 
 def _key(name: str) -> str:
@@ -75,16 +99,16 @@ class Wudi(Objective):
         if not self.names:
             raise AdamergeError("objective=wudi found no 2-D matrix to optimize (all excluded by objective.exclude?)")
         for name in self.names:
-            stack = merged.stack(name).float()
-            self.merged_deltas[_key(name)] = nn.Parameter(stack.sum(0))
+            stack = merged.stack(name)
+            self.merged_deltas[_key(name)] = nn.Parameter(stack.float().sum(0))
             if stack.shape[2] < stack.shape[1]:
-                self.grams[name] = stack.transpose(1, 2) @ stack
+                self.grams[name] = torch.stack([tau.float().T @ tau.float() for tau in stack])
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.merged_deltas.values())
 
     def task_loss(self, merged, task: str, batch) -> torch.Tensor:
-        losses = [interference(self.merged_deltas[_key(n)], merged.stack(n).float(), self.grams.get(n))
+        losses = [Interference.apply(self.merged_deltas[_key(n)], merged.stack(n), self.grams.get(n))
                   for n in self.names]
         return torch.stack(losses).sum()
 
