@@ -16,7 +16,9 @@ every figure follows the memory model of docs/ARCHITECTURE.md:
 - teacher cache (``objective=align|dam`` with ``teacher=cached``): per scored position ``top_k`` fp32
   log-probabilities and int64 ids, the chosen hidden states, and the row's token ids (an upper bound);
 - activations: what backward keeps for every task's batch of a step (all tasks' graphs live until backward);
-- DOGE (``objective=projected``): its fp32 deltas with Adam's state, masks and subspace bases.
+- DOGE (``objective=projected``): its fp32 deltas with Adam's state, masks and subspace bases;
+- closed-form statistics (``closed_form.method``): RegMean's / MaTS's Gram matrices (``2 sum in^2`` fp32) and
+  per-expert products, or Fisher merging's per-expert Fishers (``closed_form_state``).
 
 A CLIP zero-shot pool (``pool.zeroshot``) is planned as the vision classifier the run merges.
 
@@ -41,7 +43,7 @@ from adamerge.errors import AdamergeError
 from adamerge.granularity import GRANULARITIES, Block, Granularity
 from adamerge.options import construct, parse_dtype, parse_offload
 from adamerge.pool import DEFAULT_HEADS, is_adapter, is_local, resolve_auto_class
-from adamerge.tensors import TensorInfo, describe_tensor
+from adamerge.tensors import TensorInfo, describe_tensor, is_input_first, linear_layers
 
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -428,6 +430,8 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
     if obj_cfg.get("name") == "projected" and steps > 0:
         acts, act_note = doge_activations(matrices, k, tv_dtype or base_dtype)
     doge, doge_note = doge_state(obj_cfg, matrices, k, steps)
+    closed_device, closed_host, closed_note = closed_form_state(model, params, vector_names, config.get("closed_form"),
+                                                                k, offload or built_on_host)
     ddp = f"{ranks} ranks, each with all of them" if ranks > 1 and not shard else ""
     per_node = devices  # one process per device, each loading its own copy (host column: per node)
     lines = [
@@ -448,6 +452,7 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
              f"{k} x {n_coef:,} fp32" + (" + grad + Adam's 2 moments" if steps > 0 else " (no training)")),
         Line("teacher cache", cache, 0, cache_note),
         *([Line("DOGE deltas, masks, subspaces", doge, 0, doge_note)] if doge else []),
+        *([Line("closed-form statistics", closed_device, per_node * closed_host, closed_note)] if closed_note else []),
         Line("activations", acts, 0, act_note),
     ]
     objective = str(obj_cfg.get("name", "entropy"))
@@ -463,9 +468,34 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
         "sharding": f"pool.shard={str(shard).lower()}, {devices} device(s) x {nodes} node(s), {accelerator}",
     }
     parts = {"base": base_bytes, "stacks": stack_bytes, "factors": factor_bytes, "merged": merged_bytes,
-             "coefficients": k * n_coef, "teacher_cache": cache, "activations": acts}
+             "coefficients": k * n_coef, "teacher_cache": cache, "activations": acts,
+             "closed_form": closed_device + closed_host}
     return Plan(settings, lines, accelerator, per_node, parse_size(plan_cfg.get("device_memory")),
                 parse_size(plan_cfg.get("host_memory"), "plan.host_memory"), parts)
+
+
+def closed_form_state(model: nn.Module, params: Mapping[str, torch.Tensor], names: Sequence[str],
+                      cfg: Mapping | None, k: int, beside_on_host: bool) -> tuple[int, int, str]:
+    """(device, host) bytes of ``closed_form``'s statistics, gathered before training (adamerge/closed_form.py):
+    RegMean / MaTS hold one expert's Gram matrices and their running sum (``2 sum in^2`` fp32 over the
+    Linear / Conv1D weights) on the device and each expert's ``G~_k tau_k`` (fp32) beside the task vectors;
+    Fisher merging one fp32 Fisher and gradient on the device and each expert's Fisher beside the task vectors."""
+    method = (cfg or {}).get("method") or "none"
+    if method in ("regmean", "mats"):
+        layers = linear_layers(model, names)
+        grams = sum(params[n].shape[0 if is_input_first(m) else 1] ** 2 for n, m in layers.items())
+        products = sum(params[n].numel() for n in layers)
+        device, beside = 4 * 2 * grams, 4 * k * products
+        note = (f"{len(layers)} Linear/Conv1D weights: one expert's Gram matrices and their sum (2 x {grams:,} fp32), "
+                f"each expert's G tau ({k} x {products:,} fp32)")
+    elif method == "fisher":
+        n = sum(params[name].numel() for name in names)
+        device, beside = 4 * 2 * n, 4 * k * n
+        note = f"one expert's Fisher and gradient (2 x {n:,} fp32), each expert's Fisher ({k} x {n:,} fp32)"
+    else:
+        return 0, 0, ""
+    where = "; the per-expert part in host memory" if beside_on_host else ""
+    return device + (0 if beside_on_host else beside), beside if beside_on_host else 0, note + where
 
 
 def stack_note(dense: Mapping[str, int], factors: Mapping[str, int], ranks_of: Mapping[str, int], k: int,

@@ -21,7 +21,8 @@ from adamerge.closed_form import (
     mats,
     regmean,
 )
-from adamerge.data import Collator, TaskDataModule
+from adamerge.data import Collator
+from adamerge.datamodule import TaskDataModule
 from adamerge.errors import AdamergeError
 from adamerge.fold import refold
 from adamerge.granularity import Task
@@ -31,6 +32,7 @@ from adamerge.objectives import OBJECTIVES
 from adamerge.objectives.base import Objective
 from adamerge.options import construct
 from adamerge.overrides import open_mapping_overrides
+from adamerge.plan import make_plan
 from adamerge.run import run
 from adamerge.statistics import expert_batches, expert_fisher, label_expectation
 from adamerge.taskvectors import TaskVectors
@@ -201,3 +203,17 @@ def test_closed_form_needs_calibration_data(tmp_path):
     args = [a for a in zoo.cli_args() if not a.startswith("data.paths")]
     with pytest.raises(AdamergeError, match="closed_form.method=fisher needs calibration data"):
         run(composed_config(*args, "method=fisher", *QUIET, "output_dir=null"), tmp_path / "run")
+
+
+def test_plan_counts_the_gram_matrices(tmp_path):
+    """``adamerge plan`` with method=regmean: 2 sum in_features^2 fp32 (one expert's Gram matrices and their
+    sum) plus each expert's fp32 G tau, over the merged Linear weights; nothing for a data-free method."""
+    zoo = write_zoo(tmp_path / "zoo")
+    base = build_pool(composed_config(*zoo.cli_args(), "output_dir=null")["pool"]).base
+    linears = [m for m in base.modules() if isinstance(m, nn.Linear)]
+    expected = 4 * 2 * sum(m.in_features ** 2 for m in linears) + 4 * 2 * sum(m.weight.numel() for m in linears)
+    plan = make_plan(composed_config(*zoo.cli_args(), "method=regmean", "output_dir=null"))
+    assert plan.parts["closed_form"] == expected
+    assert any(line.component == "closed-form statistics" for line in plan.lines)
+    assert make_plan(composed_config(*zoo.cli_args(), "method=task_arithmetic", "output_dir=null")
+                     ).parts["closed_form"] == 0
