@@ -339,3 +339,24 @@ def log_generation(logger) -> Callable[[Generation], None]:
                                 "search/evaluations": g.evaluations}, step=g.generation)
 
     return report
+
+
+def run_search(merged: MergedModel, options: SearchOptions, config: Mapping[str, Any], *, objective: Objective,
+               data, tokenizer, causal: bool, dev: Mapping[str, Sequence[Mapping]] | None, harness=None,
+               harness_tokenizer=None, logger=None) -> SearchResult:
+    """The run's search (in place of ``fit``): the fitness ``search.fitness`` names, CMA-ES from the
+    granularity's init, the best coefficients left in ``merged`` for the evaluation, fold and write that follow."""
+    check_search_size(merged, options)  # before a fitness is set up (teachers cached, data read)
+    seed = search_seed(options, config)
+    if options.fitness == "eval":
+        fitness = eval_fitness(merged, tokenizer, dev or {}, config.get("eval") or {}, causal)
+    elif options.fitness == "objective":
+        fitness = objective_fitness(merged, objective, data, tokenizer, options.subset, seed)
+    else:
+        fitness = harness_fitness(merged, harness, harness_tokenizer or tokenizer, options.metric)
+    log.info("search=cma over %d coefficients, fitness=%s, at most %d evaluations", coefficient_count(merged),
+             options.fitness, options.max_evals)
+    result = cma_search(merged, fitness, options, seed, log_generation(logger))
+    log.info("search=cma: fitness %.4f at the start, %.4f after %d evaluations", result.initial, result.best,
+             result.evaluations)
+    return result
