@@ -41,6 +41,7 @@ expert and layer; Fisher holds one fp32 Fisher per expert and merged tensor.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -81,14 +82,16 @@ class ClosedForm:
             raise AdamergeError(f"closed_form.method={self.method!r}; choose from {', '.join(METHODS)}")
         if self.positions not in POSITIONS:
             raise AdamergeError(f"closed_form.positions={self.positions!r}; choose from {list(POSITIONS)}")
-        if isinstance(self.examples, bool) or not isinstance(self.examples, int) or self.examples < 1:
-            raise AdamergeError(f"closed_form.examples={self.examples!r} must be a whole number >= 1")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise AdamergeError(f"closed_form.alpha={self.alpha} must be within [0, 1]")
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
-            raise AdamergeError(f"closed_form.iterations={self.iterations!r} must be a whole number >= 0")
-        if self.floor < 0:
-            raise AdamergeError(f"closed_form.floor={self.floor} must be >= 0")
+        for name, low in (("examples", 1), ("new_tokens", 1), ("iterations", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise AdamergeError(f"closed_form.{name}={value!r} must be a whole number >= {low}")
+        for name, low, high in (("alpha", 0, 1), ("floor", 0, math.inf), ("init_scale", -math.inf, math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise AdamergeError(f"closed_form.{name}={value!r} must be a number within [{low}, {high}]")
+        if not isinstance(self.normalize, bool):
+            raise AdamergeError(f"closed_form.normalize={self.normalize!r} must be true or false")
 
     @property
     def enabled(self) -> bool:
