@@ -17,6 +17,7 @@ every figure follows the memory model of docs/ARCHITECTURE.md:
   log-probabilities and int64 ids, the chosen hidden states, and the row's token ids (an upper bound);
 - activations: what backward keeps for every task's batch of a step (all tasks' graphs live until backward);
 - DOGE (``objective=projected``): its fp32 deltas with Adam's state, masks and subspace bases;
+- WUDI (``objective=wudi``): its fp32 merged deltas with Adam's state and the experts' Gram matrices;
 - closed-form statistics (``closed_form.method``): RegMean's / MaTS's Gram matrices (``2 sum in^2`` fp32) and
   per-expert products, or Fisher merging's per-expert Fishers (``closed_form_state``).
 
@@ -430,6 +431,9 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
     if obj_cfg.get("name") == "projected" and steps > 0:
         acts, act_note = doge_activations(matrices, k, tv_dtype or base_dtype)
     doge, doge_note = doge_state(obj_cfg, matrices, k, steps)
+    wudi, wudi_note = wudi_state(obj_cfg, matrices, k, steps)
+    if wudi:
+        acts, act_note = wudi_activations(matrices)
     closed_device, closed_host, closed_note = closed_form_state(model, params, vector_names, config.get("closed_form"),
                                                                 k, offload or built_on_host)
     ddp = f"{ranks} ranks, each with all of them" if ranks > 1 and not shard else ""
@@ -452,6 +456,7 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
              f"{k} x {n_coef:,} fp32" + (" + grad + Adam's 2 moments" if steps > 0 else " (no training)")),
         Line("teacher cache", cache, 0, cache_note),
         *([Line("DOGE deltas, masks, subspaces", doge, 0, doge_note)] if doge else []),
+        *([Line("WUDI merged deltas, Gram matrices", wudi, 0, wudi_note)] if wudi else []),
         *([Line("closed-form statistics", closed_device, per_node * closed_host, closed_note)] if closed_note else []),
         Line("activations", acts, 0, act_note),
     ]
@@ -610,6 +615,25 @@ def doge_activations(matrices: Mapping[str, tuple[int, int]], k: int, tv_dtype: 
     kept = sum(4 * k * rows for rows, _ in matrices.values())
     largest = max((rows * cols for rows, cols in matrices.values()), default=0)
     return kept + copies * 4 * k * largest, f"(K, rows) per matrix + {copies} fp32 stacks of the largest (no model)"
+
+
+def wudi_state(obj_cfg: Mapping, matrices: Mapping[str, tuple[int, int]], k: int, steps: int) -> tuple[int, str]:
+    """``objective=wudi`` (``objectives/wudi.py``): per matrix a trainable fp32 merged delta with its gradient,
+    Adam's two moments and the gradient its loss keeps from forward, and where a matrix has fewer columns than
+    rows the experts' ``(cols, cols)`` Gram matrices (``objective.exclude`` is not subtracted: an upper bound)."""
+    if obj_cfg.get("name") != "wudi" or steps <= 0:
+        return 0, ""
+    numel = sum(rows * cols for rows, cols in matrices.values())
+    grams = sum(4 * k * cols * cols for rows, cols in matrices.values() if cols < rows)
+    return 4 * (3 + OPTIMIZER_STATES) * numel + grams, (
+        f"{len(matrices)} matrices: fp32 merged delta + grad + Adam's 2 moments + kept grad, K Gram matrices")
+
+
+def wudi_activations(matrices: Mapping[str, tuple[int, int]]) -> tuple[int, str]:
+    """WUDI's loss runs no model and builds its gradient itself, one expert at a time: fp32 temporaries of one
+    expert's largest matrix (its copy, the gap, the product, and a ``(rows, rows)`` one where no Gram is read)."""
+    largest = max((rows * cols + (rows * rows if cols >= rows else 0) for rows, cols in matrices.values()), default=0)
+    return 4 * 3 * largest, "one expert's fp32 temporaries of the largest matrix (no model)"
 
 
 def plan_line(config: Mapping, rows: Mapping[str, Sequence] | None = None, base: nn.Module | None = None) -> str:

@@ -293,3 +293,12 @@ def test_sens_preset_runs_from_the_cli_config(tmp_path):
     with pytest.raises(AdamergeError, match="granularity.init=sens computes the coefficients from calibration data"):
         run(OmegaConf.create(no_data), tmp_path / "run2")
     assert not (tmp_path / "run2").exists()  # refused before anything was loaded or written
+
+
+def test_plan_counts_wudi_state():
+    from adamerge.plan import OPTIMIZER_STATES, wudi_state
+
+    matrices = {"tall": (8, 4), "wide": (4, 8)}  # only the tall one keeps Gram matrices (4 x 4 per expert)
+    total, note = wudi_state({"name": "wudi"}, matrices, 3, steps=10)
+    assert total == 4 * (3 + OPTIMIZER_STATES) * 64 + 4 * 3 * 16 and "Gram" in note
+    assert wudi_state({"name": "wudi"}, matrices, 3, steps=0) == (0, "")
