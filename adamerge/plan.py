@@ -226,7 +226,7 @@ def coefficient_count(granularity: Granularity, infos: Sequence[TensorInfo], bud
 
 def keeps_factors(granularity: Granularity, info: TensorInfo, num_experts: int) -> bool:
     """LoRA factors serve where coefficients are constant along rows or columns (``merged.fits_factors``)."""
-    if isinstance(granularity, Block) and granularity.random:
+    if (isinstance(granularity, Block) and granularity.random) or granularity.mask is not None:
         return False
     coef = torch.zeros(num_experts, granularity.count(info), device="meta")
     shape = granularity.expand(coef, info).shape
@@ -424,6 +424,11 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
     if isinstance(granularity, Block) and granularity.random:  # one partition mask per tensor shape
         masks = {tuple(infos[n].shape): math.prod(infos[n].shape) for n in vector_names}
         coef_bytes += sum(masks.values()) * (1 if granularity.partitions <= 256 else 4)
+    mask_logits = 0  # a Concrete mask (adamerge.masks): one fp32 logit per element, K of them per_task, trained
+    if granularity.mask is not None:
+        rows = 1 if granularity.mask.kind == "shared" else k
+        mask_logits = rows * sum(math.prod(infos[n].shape) for n in vector_names)
+        coef_bytes += 4 * mask_logits * ((2 + OPTIMIZER_STATES) if steps > 0 else 1)
 
     cache, cache_note = teacher_cache(model, obj_cfg, data_cfg, tasks, rows, steps)
     acts, act_note = activations(model, obj_cfg, data_cfg, len(tasks), steps, bool(config.get("recompute")))
@@ -453,7 +458,8 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
              + f" + {human(temporary)} merge temporary"
              + (f"; 1/{split} + the largest layer gathered" if shard else "")),
         Line("coefficients + optimizer", coef_bytes, 0,
-             f"{k} x {n_coef:,} fp32" + (" + grad + Adam's 2 moments" if steps > 0 else " (no training)")),
+             f"{k} x {n_coef:,} fp32" + (f" + {mask_logits:,} mask logits" if mask_logits else "")
+             + (" + grad + Adam's 2 moments" if steps > 0 else " (no training)")),
         Line("teacher cache", cache, 0, cache_note),
         *([Line("DOGE deltas, masks, subspaces", doge, 0, doge_note)] if doge else []),
         *([Line("WUDI merged deltas, Gram matrices", wudi, 0, wudi_note)] if wudi else []),
@@ -473,7 +479,7 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
         "sharding": f"pool.shard={str(shard).lower()}, {devices} device(s) x {nodes} node(s), {accelerator}",
     }
     parts = {"base": base_bytes, "stacks": stack_bytes, "factors": factor_bytes, "merged": merged_bytes,
-             "coefficients": k * n_coef, "teacher_cache": cache, "activations": acts,
+             "coefficients": k * n_coef, "mask_logits": mask_logits, "teacher_cache": cache, "activations": acts,
              "closed_form": closed_device + closed_host}
     return Plan(settings, lines, accelerator, per_node, parse_size(plan_cfg.get("device_memory")),
                 parse_size(plan_cfg.get("host_memory"), "plan.host_memory"), parts)

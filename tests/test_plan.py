@@ -58,6 +58,7 @@ def test_a_missing_base_is_one_line_before_anything_loads(tmp_path):
     ("experts", ["granularity=chunk", "granularity.chunks={model*:4,lm*:4}", "pool.tv_dtype=bfloat16"]),
     ("lora", ["granularity=column"]),  # column coefficients scale one factor: the factors stay
     ("lora", ["granularity=block", "granularity.partitions=3"]),  # random partitions: densified
+    ("lora", ["method=concrete_adamerging", "granularity.mask.kind=per_task"]),  # elementwise mask: densified
 ])
 def test_tensor_figures_equal_the_loaded_ones(kind, extra):
     from adamerge.loading import build_pool, raw_task_vectors
@@ -73,6 +74,8 @@ def test_tensor_figures_equal_the_loaded_ones(kind, extra):
     assert plan.parts["factors"] == stored_bytes(merged.lora.buffers())
     assert (plan.parts["factors"] > 0) == (extra == ["granularity=column"])
     assert plan.parts["coefficients"] == sum(p.numel() for p in merged.granularity.raw.values())
+    mask = merged.granularity.mask
+    assert plan.parts["mask_logits"] == (sum(p.numel() for p in mask.logits.values()) if mask else 0)
 
 
 def test_cached_teacher_equals_the_cache_held(tmp_path):
