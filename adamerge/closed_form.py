@@ -23,7 +23,6 @@ solution, per task, layer or chunk, as it would plain task vectors. The statisti
   merged tensor). Followed: FusionBench, fusion_bench/method/fisher_merging/fisher_merging.py
   ``merging_with_fisher_weights``; config/method/fisher_merging/clip_fisher_merging.yaml
   (``normalize_fisher_weight: true``, ``minimal_fisher_weight: 1e-6``, 256 examples).
-
 - MaTS (arXiv 2312.04339, "Merging by Matching Models in Task Parameter Subspaces") with the RegMean
   objective: the same systems solved by conjugate gradient from a task-arithmetic start, stopped after
   ``iterations`` steps. Followed: github.com/r-three/mats, src/merging/conjugateGradient_fisherMerging.py
@@ -33,9 +32,10 @@ solution, per task, layer or chunk, as it would plain task vectors. The statisti
   learned coefficients on top rescale the whole solution, not one expert's share of it. The blockwise
   Fisher objective (output-gradient Gram matrices too) needs statistics not gathered here.
 
-Memory while the statistics are gathered: RegMean holds one expert's Gram matrices and their running
-sum (``2 sum in^2`` fp32 over the solved layers, in ``adamerge plan``) and one fp32 ``G~_k tau_k`` per
-expert and layer; Fisher holds one fp32 Fisher per expert and merged tensor.
+Memory while the statistics are gathered (``adamerge plan``): RegMean and MaTS hold one expert's Gram
+matrices and their running sum (``2 sum in^2`` fp32 over the solved layers) and one fp32 ``G~_k tau_k``
+per expert and layer; Fisher merging one fp32 Fisher per expert and merged tensor. The per-expert parts
+are kept beside the task vectors (host memory where they were built there).
 """
 
 from __future__ import annotations
