@@ -1,7 +1,8 @@
 """Per-expert statistics of calibration data, for the closed-form merges (``adamerge/closed_form.py``).
 
 Expert k is the merged model in teacher mode (``MergedModel.as_expert``, W0 + tau_k): no expert
-model is loaded or kept. Each expert runs once over the first rows of its own task's data:
+model is loaded or kept. Each expert runs once over the first ``closed_form.examples`` rows of its own
+task's data (in the data module's seeded order):
 
 - Gram matrices (RegMean, arXiv 2212.09849): forward hooks on the Linear / Conv1D layers whose
   weight is merged accumulate ``X^T X`` of each layer's inputs in fp32, streamed per batch, over
