@@ -162,6 +162,34 @@ def test_refold_reproduces_the_masked_merge(tmp_path):
         torch.testing.assert_close(again[name], value, rtol=0, atol=1e-6)
 
 
+def test_resume_after_the_mask_steps_gives_the_same_merge(tmp_path):
+    """Checkpoints hold the mask logits: 3 steps (2 of them the mask's), resumed to 4, equal 4 in one go."""
+    from hydra import compose, initialize_config_module
+    from safetensors.torch import load_file
+    from tiny import write_zoo
+
+    from adamerge.__main__ import open_mapping_overrides
+    from adamerge.run import run
+
+    zoo = write_zoo(tmp_path / "zoo", rows=4)
+
+    def merge(name: str, *extra: str) -> dict[str, torch.Tensor]:
+        overrides = [*zoo.cli_args(), "method=concrete_adamerging", "granularity.mask.steps=2", "optim.lr=0.1",
+                     "data.batch_size=4", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=none",
+                     "checkpoint.every_n_steps=1", f"output_dir={tmp_path / name}", "seed=3", *extra]
+        with initialize_config_module("adamerge.conf", version_base=None):
+            run(compose("config", overrides=open_mapping_overrides(overrides)), tmp_path / f"run_{name}")
+        return load_file(tmp_path / name / "model.safetensors")
+
+    whole = merge("whole", "trainer.max_steps=4")
+    merge("part", "trainer.max_steps=3")
+    checkpoint = torch.load(tmp_path / "run_part" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert any(".mask.logits." in k for k in checkpoint["state_dict"])
+    resumed = merge("resumed", "trainer.max_steps=4", f"resume={tmp_path / 'run_part' / 'checkpoints' / 'last.ckpt'}")
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
+
+
 def test_block_partitions_and_mask_are_both_saved(llama_family):
     g = masked(llama_family, "per_task", Block, partitions=3).granularity
     saved = g.state_tensors()
