@@ -49,6 +49,8 @@ PAPERS = {
     "RegMean": "https://arxiv.org/abs/2212.09849",
     "MaTS": "https://arxiv.org/abs/2312.04339",
     "Fisher merging": "https://arxiv.org/abs/2111.09832",
+    "Concrete task arithmetic": "https://arxiv.org/abs/2312.06173",
+    "Concrete AdaMerging": "https://arxiv.org/abs/2312.06173",
 }
 CLOSED_FORMS = {"regmean": "RegMean", "mats": "MaTS", "fisher": "Fisher merging"}
 STATIC_PREPROCESSING = {"ties": "TIES-Merging", "dare": "DARE", "della": "DELLA", "breadcrumbs": "Model Breadcrumbs",
@@ -89,6 +91,11 @@ def method_name(config: Mapping[str, Any]) -> str:
         return "Simple average" if granularity.get("init") == "uniform" else "Task arithmetic"
     if (config.get("optim") or {}).get("name") == "frank_wolfe":
         return "FW-Merging"
+    mask = granularity.get("mask")
+    if mask not in (None, "none", False):  # a Concrete mask; the coefficients learn unless its steps take them all
+        mask_steps = mask.get("steps") if isinstance(mask, Mapping) else None
+        fixed = mask_steps is not None and mask_steps >= int((config.get("trainer") or {}).get("max_steps", 0))
+        return "Concrete task arithmetic" if fixed else "Concrete AdaMerging"
     if objective == "dam":
         return "DAM"
     if objective == "align":

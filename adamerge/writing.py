@@ -65,6 +65,9 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
         if heads:
             details["tasks"] = (getattr(merged.base, "heads_file", None)
                                 or ", ".join(f"tasks/{t}" for t in merged.experts))
+        if granularity.mask is not None:
+            details["mask"] = (f"Concrete, {granularity.mask.kind}: keeps {100 * granularity.mask.density():.1f}% of "
+                               "the task vectors' elements")
     coefficients = {**result.coefficients, **granularity.state_tensors(), **objective.state_tensors()}
     save_folded(
         folded, result.output_dir, base_source=pool.base_source,

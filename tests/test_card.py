@@ -46,6 +46,12 @@ def test_an_existing_relative_directory_is_not_a_hub_id(tmp_path, monkeypatch):
      "Expert Merging++"),
     ({"granularity": {"name": "column"}, "objective": {"name": "dam"}, "trainer": {"max_steps": 9}}, "DAM"),
     ({"granularity": {"name": "layer"}, "objective": {"name": "projected"}, "trainer": {"max_steps": 9}}, "DOGE"),
+    ({"granularity": {"name": "task", "mask": {"steps": 40}}, "objective": {"name": "entropy"},
+      "trainer": {"max_steps": 40}}, "Concrete task arithmetic"),
+    ({"granularity": {"name": "layer", "mask": {"steps": 40}}, "objective": {"name": "entropy"},
+      "trainer": {"max_steps": 80}}, "Concrete AdaMerging"),
+    ({"granularity": {"name": "layer", "mask": "shared"}, "objective": {"name": "entropy"},
+      "trainer": {"max_steps": 9}}, "Concrete AdaMerging"),
 ])
 def test_method_is_named_from_the_config(config, method):
     assert method_name(config) == method

@@ -156,6 +156,8 @@ def test_refold_reproduces_the_masked_merge(tmp_path):
     saved = load_file(tmp_path / "out" / "adamerge_coefficients.safetensors")
     logits = {k: v for k, v in saved.items() if k.startswith("granularity.mask.")}
     assert logits and any(v.abs().sum() > 0 for v in logits.values())
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Concrete AdaMerging" in card and "% of the task vectors' elements" in card
     refold(tmp_path / "out", tmp_path / "again")
     first, again = (load_file(tmp_path / d / "model.safetensors") for d in ("out", "again"))
     for name, value in first.items():
