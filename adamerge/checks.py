@@ -12,6 +12,7 @@ from adamerge.checkpointing import read_resume
 from adamerge.closed_form import check_closed_form
 from adamerge.errors import AdamergeError
 from adamerge.export import check_output_dir
+from adamerge.frank_wolfe import check_frank_wolfe
 from adamerge.granularity import GRANULARITIES
 from adamerge.harness import HarnessOptions, harness_options
 from adamerge.loading import is_causal, load_calibration, load_test_sets
@@ -83,6 +84,8 @@ def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None
     gran_cfg = config.get("granularity") or {}
     if gran_cfg.get("init") == "sens":
         require_data(rows)
+    if (config.get("optim") or {}).get("name") == "frank_wolfe":
+        check_frank_wolfe(gran_cfg.get("transform", "identity"), objective)
     build_mask(gran_cfg.get("mask"), gran_cfg.get("space", "task_vectors"))  # the Concrete mask's options
     check_closed_form(config, rows)
     load_test_sets(config.get("eval") or {}, causal)  # read again for the evaluation: small, and checked now

@@ -20,6 +20,18 @@ from collections.abc import Iterable
 import torch
 
 from adamerge.errors import AdamergeError
+from adamerge.objectives.base import Objective
+
+
+def check_frank_wolfe(transform: str, objective: Objective) -> None:
+    """Refuse, before loading, what the hull cannot constrain: transformed coefficients (the oracle moves the raw
+    parameters) and an objective's own tensors (DOGE's, WUDI's), which are no coefficients."""
+    if transform != "identity":
+        raise AdamergeError(f"optim=frank_wolfe keeps the coefficients in the hull of the base and the experts: it "
+                            f"needs granularity.transform=identity, not {transform!r}")
+    if type(objective).extra_parameters is not Objective.extra_parameters:
+        raise AdamergeError(f"optim=frank_wolfe constrains merge coefficients only; objective "
+                            f"{type(objective).__name__} trains tensors of its own (use optim=adam)")
 
 
 def linear_oracle(grad: torch.Tensor) -> torch.Tensor:

@@ -302,3 +302,25 @@ def test_plan_counts_wudi_state():
     total, note = wudi_state({"name": "wudi"}, matrices, 3, steps=10)
     assert total == 4 * (3 + OPTIMIZER_STATES) * 64 + 4 * 3 * 16 and "Gram" in note
     assert wudi_state({"name": "wudi"}, matrices, 3, steps=0) == (0, "")
+
+
+def test_frank_wolfe_refuses_what_the_hull_cannot_constrain(tmp_path):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+    from tiny import write_zoo
+
+    from adamerge import AdamergeError
+    from adamerge.checks import check_before_loading
+    from adamerge.frank_wolfe import check_frank_wolfe
+    from adamerge.objectives import OBJECTIVES
+    from adamerge.overrides import open_mapping_overrides
+
+    with pytest.raises(AdamergeError, match="tensors of its own"):
+        check_frank_wolfe("identity", Wudi())
+    check_frank_wolfe("identity", OBJECTIVES["ce"]())
+    zoo = write_zoo(tmp_path / "zoo", rows=2)
+    overrides = [*zoo.cli_args(), "method=fw_merging", "granularity.transform=clamp", "output_dir=null"]
+    with initialize_config_module("adamerge.conf", version_base=None):
+        cfg = OmegaConf.to_container(compose("config", overrides=open_mapping_overrides(overrides)), resolve=True)
+    with pytest.raises(AdamergeError, match="needs granularity.transform=identity, not 'clamp'"):
+        check_before_loading(cfg, tmp_path / "run")
