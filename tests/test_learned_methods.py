@@ -324,3 +324,27 @@ def test_frank_wolfe_refuses_what_the_hull_cannot_constrain(tmp_path):
         cfg = OmegaConf.to_container(compose("config", overrides=open_mapping_overrides(overrides)), resolve=True)
     with pytest.raises(AdamergeError, match="needs granularity.transform=identity, not 'clamp'"):
         check_before_loading(cfg, tmp_path / "run")
+
+
+def test_wudi_run_refolds_to_the_same_weights(tmp_path):
+    """``method=wudi`` writes its merged deltas beside the coefficients; ``adamerge fold`` rebuilds the same model."""
+    from hydra import compose, initialize_config_module
+    from safetensors.torch import load_file
+    from tiny import write_zoo
+
+    from adamerge.fold import refold
+    from adamerge.overrides import open_mapping_overrides
+    from adamerge.run import run
+
+    zoo = write_zoo(tmp_path / "zoo", rows=2)
+    overrides = [*zoo.cli_args(), "method=wudi", "trainer.max_steps=3", "optim.lr=1e-3", "logger=none",
+                 "trainer.accelerator=cpu", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
+                 f"output_dir={tmp_path / 'out'}"]
+    with initialize_config_module("adamerge.conf", version_base=None):
+        run(compose("config", overrides=open_mapping_overrides(overrides)), tmp_path / "run")
+    saved = load_file(tmp_path / "out" / "adamerge_coefficients.safetensors")
+    assert any(k.startswith("objective.merged_delta.") for k in saved)
+    refold(tmp_path / "out", tmp_path / "again")
+    first, again = (load_file(tmp_path / d / "model.safetensors") for d in ("out", "again"))
+    for name, value in first.items():
+        torch.testing.assert_close(again[name], value, rtol=0, atol=1e-6)
