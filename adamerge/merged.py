@@ -150,9 +150,6 @@ class MergedModel(nn.Module):
     def __init__(self, base: nn.Module, task_vectors: TaskVectors, granularity: Granularity,
                  recompute: bool = False, shard: bool = False) -> None:
         super().__init__()
-        if shard and task_vectors.offloaded:
-            raise AdamergeError("pool.shard=true splits the task vectors across ranks and pool.offload=cpu keeps "
-                                "all of them in host memory: choose one")
         self.recompute, self.shard_stacks = recompute, shard
         self.base = base.requires_grad_(False)
         self.experts = list(task_vectors.experts)

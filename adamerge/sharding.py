@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,14 @@ from adamerge.errors import AdamergeError
 SHARDED_DIM = 1  # of a (K, *shape) stack: the rows of its tensor
 
 
-def check_shard(objective, recompute: bool) -> None:
+def check_shard(objective, recompute: bool, offload: bool, strategy: Any = "ddp") -> None:
     """What ``pool.shard=true`` cannot run with, said before anything is loaded."""
+    if offload:
+        raise AdamergeError("pool.shard=true splits the task vectors across ranks and pool.offload=cpu keeps all of "
+                            "them in host memory: choose one")
+    if isinstance(strategy, str) and strategy != "auto" and not strategy.startswith("ddp"):
+        raise AdamergeError(f"pool.shard=true splits the task vectors over the ranks of data-parallel training: use "
+                            f"trainer.strategy=ddp (or auto), not {strategy!r}")
     if not objective.supports_offload:
         raise AdamergeError(f"objective={type(objective).__name__.lower()} rewrites the task vectors themselves, next "
                             "to the coefficients; it does not take pool.shard=true")
