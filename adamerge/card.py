@@ -51,6 +51,7 @@ PAPERS = {
     "Fisher merging": "https://arxiv.org/abs/2111.09832",
     "Concrete task arithmetic": "https://arxiv.org/abs/2312.06173",
     "Concrete AdaMerging": "https://arxiv.org/abs/2312.06173",
+    "Evolutionary merging (CMA-ES)": "https://arxiv.org/abs/2403.13187",
 }
 CLOSED_FORMS = {"regmean": "RegMean", "mats": "MaTS", "fisher": "Fisher merging"}
 STATIC_PREPROCESSING = {"ties": "TIES-Merging", "dare": "DARE", "della": "DELLA", "breadcrumbs": "Model Breadcrumbs",
@@ -72,6 +73,8 @@ def method_name(config: Mapping[str, Any]) -> str:
     preprocess = steps.get("method") or "none"
     then = [steps["then"]] if isinstance(steps.get("then"), str) else list(steps.get("then") or [])
     static = int((config.get("trainer") or {}).get("max_steps", 0)) == 0
+    if ((config.get("search") or {}).get("name") or "none") != "none":
+        return "Evolutionary merging (CMA-ES)"
     if objective == "projected":
         return "DOGE"
     if objective == "wudi":

@@ -22,15 +22,17 @@ from adamerge.objectives import OBJECTIVES, Objective
 from adamerge.options import construct, parse_offload
 from adamerge.pool import ExpertPool, is_local
 from adamerge.publish import hub_options
+from adamerge.search import SearchOptions, load_dev_rows, search_options
 from adamerge.sensitivity import require_data
 from adamerge.validate import check_known_keys, check_numbers, check_task_names
 
 
-def needs_calibration(config: Mapping, objective: Objective) -> bool:
-    """Training needs the objective's data; a static merge (``max_steps=0``) uses data only if given
-    (then for the fold check), so task arithmetic, TIES, ... run data-free."""
+def needs_calibration(config: Mapping, objective: Objective, search: SearchOptions | None = None) -> bool:
+    """Training (or a search whose fitness is the objective) needs the objective's data; a static merge
+    (``max_steps=0``) uses data only if given (then for the fold check), so task arithmetic, TIES, ... run data-free."""
     steps = int((config.get("trainer") or {}).get("max_steps", 0))
-    return objective.needs_data and (steps > 0 or bool((config.get("data") or {}).get("paths")))
+    optimized = steps > 0 or (search is not None and search.fitness == "objective")
+    return objective.needs_data and (optimized or bool((config.get("data") or {}).get("paths")))
 
 
 def protected_inputs(config: Mapping, others: Mapping[str, Path]) -> dict[str, Path]:
@@ -41,7 +43,8 @@ def protected_inputs(config: Mapping, others: Mapping[str, Path]) -> dict[str, P
     sources = {"the base": pool_cfg.get("base"),
                **{f"expert {n!r}": s for n, s in (pool_cfg.get("experts") or {}).items()}}
     protected.update({role: Path(s) for role, s in sources.items() if isinstance(s, (str, Path)) and is_local(s)})
-    for kind, paths in (("calibration", data_cfg.get("paths")), ("test", eval_cfg.get("tests"))):
+    dev = (config.get("search") or {}).get("dev")
+    for kind, paths in (("calibration", data_cfg.get("paths")), ("test", eval_cfg.get("tests")), ("dev", dev)):
         for task, source in (paths or {}).items():
             path = source.get("dataset") if isinstance(source, Mapping) else source
             if isinstance(path, (str, Path)) and Path(path).expanduser().exists():
@@ -54,11 +57,14 @@ def protected_inputs(config: Mapping, others: Mapping[str, Path]) -> dict[str, P
 
 @dataclass
 class Checked:
-    """What the checks before loading produced: the objective, the calibration rows and the harness tasks."""
+    """What the checks before loading produced: the objective, the calibration rows, the harness tasks and the
+    search with its dev rows (``search=cma``)."""
 
     objective: Objective
     rows: dict[str, Sequence[Mapping]] | None
     harness: HarnessOptions | None = None
+    search: SearchOptions | None = None
+    dev: dict[str, Sequence[Mapping]] | None = None
 
 
 def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None = None) -> Checked:
@@ -79,8 +85,9 @@ def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None
         protected = protected_inputs(config, {"the run directory": run_dir})
         check_output_dir(config["output_dir"], bool(config.get("overwrite")), protected)
     causal = is_causal(pool) if pool is not None else "CausalLM" in str(pool_cfg.get("auto_class", "CausalLM"))
+    search = search_options(config)
     rows = load_calibration(config.get("data") or {}, experts, objective, causal) \
-        if needs_calibration(config, objective) else None
+        if needs_calibration(config, objective, search) else None
     gran_cfg = config.get("granularity") or {}
     if gran_cfg.get("init") == "sens":
         require_data(rows)
@@ -92,4 +99,5 @@ def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None
     if config.get("resume"):
         granularity = GRANULARITIES.get((config.get("granularity") or {}).get("name"))
         read_resume(config["resume"], experts, granularity.__name__ if granularity else None)
-    return Checked(objective, rows, harness_options(config, causal))
+    dev = load_dev_rows(search, config, causal) if search is not None and search.fitness == "eval" else None
+    return Checked(objective, rows, harness_options(config, causal), search, dev)

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 # Mappings whose keys are the user's own names (tasks, globs): ``pool.experts.NAME=X`` may add a key.
 OPEN_MAPPINGS = ("pool.experts.", "data.paths.", "eval.tests.", "objective.task_weights.", "granularity.chunks.",
-                 "granularity.init.", "pool.zeroshot.classnames.", "pool.zeroshot.templates.")
+                 "granularity.init.", "pool.zeroshot.classnames.", "pool.zeroshot.templates.", "search.dev.")
 
 
 def is_open_mapping_override(arg: str) -> bool:

@@ -26,6 +26,7 @@ from adamerge.lora_output import check_adapter_fits, output_options
 from adamerge.plan import plan_line
 from adamerge.pool import ExpertPool
 from adamerge.publish import hub_options, publish
+from adamerge.search import run_search
 from adamerge.taskvectors import TaskVectors
 from adamerge.training import fit
 from adamerge.writing import RunResult, write_output
@@ -69,12 +70,17 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     if harness:  # the merge is scored with the tokenizer output_dir gets (experts' added tokens included)
         merged_tokenizer = pool.vocabulary.merged_tokenizer() or tokenizer
         scores["before"] = harness.evaluate(merged.fold(), merged_tokenizer)
-    if steps_left != 0:
+    if checked.search is not None:  # gradient-free: CMA-ES over the same coefficients, in place of training
+        run_search(merged, checked.search, config, objective=objective, data=data, tokenizer=tokenizer,
+                   causal=causal, dev=checked.dev, harness=harness,
+                   harness_tokenizer=merged_tokenizer if harness else None, logger=logger)
+    elif steps_left != 0:
         fit(merged, objective, data, tokenizer, config, run_dir, steps_left, logger, config.get("resume"))
 
     metrics["after"] = evaluate_merged(merged, tokenizer, eval_cfg, causal)
-    if harness:  # without training the merge is the one scored before
-        scores["after"] = harness.evaluate(merged.fold(), merged_tokenizer) if steps_left else scores["before"]
+    changed = steps_left != 0 or checked.search is not None
+    if harness:  # without training (or search) the merge is the one scored before
+        scores["after"] = harness.evaluate(merged.fold(), merged_tokenizer) if changed else scores["before"]
         metrics["harness"] = scores
     finish_logger(logger, metrics, merged, max_steps)
     diff = None

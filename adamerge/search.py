@@ -45,6 +45,7 @@ from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader, Subset
 
 from adamerge.errors import AdamergeError
+from adamerge.loading import load_test_sets
 from adamerge.merged import MergedModel
 from adamerge.objectives.base import Objective
 
@@ -115,8 +116,6 @@ def search_options(config: Mapping[str, Any]) -> SearchOptions | None:
 def load_dev_rows(options: SearchOptions, config: Mapping[str, Any], causal: bool) -> dict[str, Sequence[Mapping]]:
     """``search.dev`` (or, when empty, the calibration files ``data.paths``, which must then carry answers or
     labels), read like ``eval.tests`` and cut to the reduced subsets; before any model is loaded."""
-    from adamerge.loading import load_test_sets
-
     sources = options.dev or (config.get("data") or {}).get("paths") or {}
     if not sources:
         raise AdamergeError("search.fitness=eval scores candidates on labeled dev rows: set search.dev.TASK=FILE "
@@ -283,10 +282,14 @@ class SearchResult:
 
 
 def cma_options(options: SearchOptions, seed: int) -> dict[str, Any]:
-    """pycma's options: quiet, no files, its own seeded normal sampler (pycma's ``seed`` 0 would mean "time")."""
+    """pycma's options: quiet, no files, its own seeded normal sampler (pycma's ``seed`` 0 would mean "time"), and
+    no stop on generations of equal scores (pycma's ``tolfun``, ``tolfunhist``, ``tolflatfitness``): an accuracy on
+    a few items per task is a step function, flat in places where the search has not converged, and pycma widens
+    its step size there; the budget ends the search."""
     rng = np.random.default_rng(seed)
     inopts: dict[str, Any] = {"maxfevals": options.max_evals, "verbose": -9, "verb_log": 0, "verb_disp": 0,
-                              "seed": np.nan, "randn": lambda *shape: rng.standard_normal(shape)}
+                              "seed": np.nan, "randn": lambda *shape: rng.standard_normal(shape),
+                              "tolfun": 0, "tolfunhist": 0, "tolflatfitness": options.max_evals}
     if options.generations is not None:
         inopts["maxiter"] = options.generations
     if options.popsize is not None:

@@ -104,6 +104,7 @@ def test_preset_runs_a_step_on_the_tiny_zoo(name, shared, tmp_path):
     steps = ["trainer.max_steps=2"] if name == "expert_merging_pp" else []  # stage 1 and stage 2: one step each
     preset = OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml")
     static = ["trainer.max_steps=0"] if OmegaConf.select(preset, "trainer.max_steps") == 0 else []
+    static += ["search.max_evals=2"] if OmegaConf.select(preset, "search") is not None else []  # one generation
     cfg = as_dict(composed(*zoo.cli_args(), f"method={name}", *SHORT, *steps, *static))
     task_vectors = prepare_task_vectors(raw, cfg["pool"], int(cfg["seed"]))
     result = run(OmegaConf.create(cfg), tmp_path, pool, task_vectors)

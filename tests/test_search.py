@@ -143,3 +143,38 @@ def test_bad_search_options_are_one_line_errors(section, message):
 def test_search_none_is_a_gradient_run():
     assert search_options({"search": {"name": "none"}}) is None
     assert search_options({}) is None
+
+
+def test_the_preset_runs_end_to_end_with_the_models_loaded_once(tmp_path, monkeypatch):
+    """``method=evolutionary_task`` through ``run``: base and experts loaded once for every candidate, the best
+    fitness per generation in the CSV log (never above the start), the folded checkpoint written with its card."""
+    import csv
+
+    from hydra import compose, initialize_config_module
+    from tiny import write_zoo
+
+    from adamerge.overrides import open_mapping_overrides
+    from adamerge.pool import ExpertPool
+    from adamerge.run import run
+
+    zoo = write_zoo(tmp_path / "zoo")  # its data rows carry answers: the dev set defaults to data.paths
+    loads = []  # the base is built once, the experts are read in one pass over them (one at a time)
+    load_model, iter_experts = ExpertPool._load_model, ExpertPool.iter_experts
+    monkeypatch.setattr(ExpertPool, "_load_model", lambda self, source, role: loads.append(role) or
+                        load_model(self, source, role))
+    monkeypatch.setattr(ExpertPool, "iter_experts", lambda self: loads.append("experts") or iter_experts(self))
+    overrides = [*zoo.cli_args(), "method=evolutionary_task", "search.max_evals=10", "search.popsize=4",
+                 "search.subset=5", "logger=csv", f"output_dir={tmp_path / 'out'}", "eval.max_new_tokens=4"]
+    with initialize_config_module("adamerge.conf", version_base=None):
+        cfg = compose("config", overrides=open_mapping_overrides(overrides))
+    result = run(cfg, tmp_path / "run")
+
+    assert {"base", "experts"} <= set(loads) and len(loads) == len(set(loads))  # each once (an expert: at most)
+    with open(next((tmp_path / "run" / "logs").glob("version_*/metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("search/best_so_far")]
+    so_far = [float(r["search/best_so_far"]) for r in rows]
+    assert len(so_far) >= 3 and so_far == sorted(so_far, reverse=True)  # generation 0 (the start), then >= 2
+    assert int(float(rows[-1]["search/evaluations"])) == 1 + 12  # the start + 3 generations of 4 (budget 10)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert "Evolutionary merging (CMA-ES)" in (tmp_path / "out" / "README.md").read_text()
+    assert result.metrics["after"] == {}  # no eval.tests: the fitness read the dev rows only
