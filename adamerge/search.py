@@ -108,6 +108,9 @@ def search_options(config: Mapping[str, Any]) -> SearchOptions | None:
         import cma  # noqa: F401
     except ImportError as e:
         raise AdamergeError(f"search=cma needs pycma: {INSTALL}") from e
+    if config.get("resume"):
+        raise AdamergeError("resume= continues a gradient run from its checkpoint; search=cma starts from "
+                            "granularity.init (set it to the coefficients to start from)")
     if options.fitness == "harness" and not ((config.get("eval") or {}).get("harness") or {}).get("tasks"):
         raise AdamergeError("search.fitness=harness scores candidates with lm-eval: set eval.harness.tasks")
     return options

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_parts
+from tiny import build_module, tiny_parts
 
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Layer, Task
@@ -66,10 +66,7 @@ def test_the_search_is_reproducible_for_a_seed(parts):
 
 
 def test_objective_fitness_search_ends_no_worse_than_its_start(parts):
-    merged = task_merge(parts)
-    from adamerge.data import Collator, TaskDataModule
-
-    data = TaskDataModule(parts.rows, Collator(parts.tokenizer), batch_size=4, shuffle=False)
+    merged, data, _ = build_module(parts, {"name": "task", "init": 0.3}, {"name": "entropy"}, batch_size=4)
     fitness = objective_fitness(merged, Entropy(), data, parts.tokenizer, size=None, seed=0)
     start = fitness()
     assert start == fitness()  # one number per candidate: eval mode, fixed batches
@@ -138,6 +135,11 @@ def test_too_many_coefficients_are_refused_with_one_line(parts):
 def test_bad_search_options_are_one_line_errors(section, message):
     with pytest.raises(AdamergeError, match=message):
         search_options({"search": {"name": "cma", **section}})
+
+
+def test_resume_is_refused_with_a_search():
+    with pytest.raises(AdamergeError, match="resume= continues a gradient run"):
+        search_options({"search": {"name": "cma"}, "resume": "last.ckpt"})
 
 
 def test_search_none_is_a_gradient_run():
