@@ -147,11 +147,13 @@ def evaluate_model(model_for: Callable[[str], torch.nn.Module], tokenizer, cfg: 
     return {**scores, "avg": sum(scores.values()) / len(scores)}
 
 
-def evaluate_merged(merged: MergedModel, tokenizer, cfg: Mapping, causal: bool) -> dict[str, float]:
-    """Evaluate the folded merge: one model for all tasks, or backbone + head k per task."""
+def evaluate_merged(merged: MergedModel, tokenizer, cfg: Mapping, causal: bool,
+                    folded: torch.nn.Module | None = None) -> dict[str, float]:
+    """Evaluate the folded merge: one model for all tasks (``folded``, where the run already folded it), or
+    backbone + head k per task."""
     if not cfg.get("tests"):
         return {}
-    shared = None if len(merged.heads) else merged.fold()
+    shared = None if len(merged.heads) else folded if folded is not None else merged.fold()
     return evaluate_model(lambda task: shared if shared is not None else merged.fold(task), tokenizer, cfg, causal)
 
 

@@ -3,7 +3,9 @@
 Layout (docs/ARCHITECTURE.md): ``config.json``, ``model.safetensors`` (or shards + index), the base's tokenizer
 files, ``README.md`` (model card), ``adamerge_coefficients.safetensors`` and ``adamerge_config.yaml``.
 Everything is built in a temporary directory beside the target and renamed into place, so a crash
-or a full disk leaves either the previous directory or the complete new one.
+or a full disk leaves either the previous directory or the complete new one. The weights are written one
+tensor at a time (``safetensors_io.write_pretrained``), each checked finite as it is written; given
+``values``, each folded tensor is computed only then, so no folded model exists beside the base.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from adamerge.card import model_card
 from adamerge.errors import AdamergeError
+from adamerge.safetensors_io import Produce, save_layout, write_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +195,30 @@ def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def check_finite(model: nn.Module, coefficients: Mapping[str, torch.Tensor], target: Path) -> None:
+def check_finite(what: str, tensors: Mapping[str, torch.Tensor], target: Path) -> None:
     """Refuse to write a checkpoint whose weights or coefficients are not finite (it would load and be garbage)."""
-    for what, tensors in (("merged weights", model.state_dict()), ("coefficients", coefficients)):
-        bad = first_nonfinite(tensors)
-        if bad is not None:
-            raise AdamergeError(f"the {what} are not finite ({bad!r} holds NaN/Inf); nothing was written to "
-                                f"output_dir={str(target)!r}")
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise AdamergeError(f"the {what} are not finite ({bad!r} holds NaN/Inf); nothing was written to "
+                            f"output_dir={str(target)!r}")
+
+
+def write_weights(directory: Path, model: nn.Module, values: Produce | None, max_shard_size: str | int,
+                  target: Path) -> None:
+    """``model``'s weights (or ``values(name, its tensor)``) as ``save_pretrained`` lays them out, one tensor at a
+    time, each checked finite before it is written; a model whose tensors transformers converts on saving is
+    checked whole, then saved by ``save_pretrained``."""
+    if values is None and save_layout(model) is None:
+        check_finite("merged weights", model.state_dict(), target)
+        model.save_pretrained(directory, max_shard_size=max_shard_size)
+        return
+
+    def checked(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        value = tensor if values is None else values(name, tensor)
+        check_finite("merged weights", {name: value}, target)
+        return value
+
+    write_pretrained(directory, model, checked, max_shard_size)
 
 
 def copy_tokenizer(base_source: str | Path, into: Path, trust_remote_code: bool = False, tokenizer=None) -> bool:
@@ -237,6 +257,7 @@ def save_folded(
     weights: Callable[[Path], None] | None = None,
     card: Mapping[str, Any] | None = None,
     tokenizer=None,
+    values: Produce | None = None,
 ) -> Path:
     """Write the folded checkpoint atomically and return its path.
 
@@ -246,11 +267,13 @@ def save_folded(
     ``record`` goes under the marker key of ``adamerge_config.yaml`` (card details, input fingerprints).
     ``weights(tmp_dir)`` writes the weights instead of ``model.save_pretrained`` (a LoRA adapter of the
     merge, ``lora_output.py``); ``card`` holds more keyword arguments of ``card.model_card``; ``tokenizer``
-    is written instead of the base's (experts' added tokens).
+    is written instead of the base's (experts' added tokens). ``values(name, tensor)`` gives the tensor written for
+    each of ``model``'s (the fold computed tensor by tensor, ``MergedModel.folded_tensor``; ``model`` is then the
+    base, whose config and layout are written).
     Non-finite weights or coefficients are refused: nothing is written.
     """
     target = check_output_dir(output_dir, overwrite, protected)
-    check_finite(model, coefficients or {}, target)
+    check_finite("coefficients", coefficients or {}, target)
     card_details = {**(details or {}), "trust_remote_code": trust_remote_code}
     tmp: Path | None = None
     try:
@@ -259,7 +282,7 @@ def save_folded(
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
         mark_temporary(tmp, target)
         if weights is None:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            write_weights(tmp, model, values, max_shard_size, target)
         else:
             weights(tmp)
         if base_source is not None:

@@ -154,6 +154,7 @@ class MergedModel(nn.Module):
         self.base = base.requires_grad_(False)
         self.experts = list(task_vectors.experts)
         self.names = task_vectors.names
+        self.merged_set = set(self.names)
         self.granularity = granularity
         granularity.setup(self.experts, [task_vectors.infos[n] for n in self.names])
         unfit = [n for n in task_vectors.factors if not fits_factors(granularity.broadcast(n).shape)]
@@ -348,15 +349,31 @@ class MergedModel(nn.Module):
 
     def _fold_into(self, folded: nn.Module) -> nn.Module:
         """``folded`` holds W0 (and its head); add the merge (or expert k's task vectors) to it."""
-        params, g = dict(folded.named_parameters()), self.granularity
+        params = dict(folded.named_parameters())
         for name in self.names:
-            p = params[name]
-            if self._expert is not None:
-                p.add_(self.expert_delta(name, self._expert).to(p.device, p.dtype))
-                continue
-            source = self.source(name)
-            source = source.fetch() if isinstance(source, Streamed | Sharded) else source
-            fold_tensor_(p, source.to(device=p.device), g.broadcast(name).to(p.device), g.space)
+            self._fold_tensor(name, params[name])
         for name, value in self.head_weights().items():
             params[name].copy_(value)
         return folded if self.added is None else self.added.extend(folded)
+
+    def _fold_tensor(self, name: str, p: torch.Tensor) -> None:
+        """Add merged tensor ``name``'s delta (or expert k's task vector) to ``p``, which holds W0."""
+        if self._expert is not None:
+            p.add_(self.expert_delta(name, self._expert).to(p.device, p.dtype))
+            return
+        source, g = self.source(name), self.granularity
+        source = source.fetch() if isinstance(source, Streamed | Sharded) else source
+        fold_tensor_(p, source.to(device=p.device), g.broadcast(name).to(p.device), g.space)
+
+    @torch.no_grad()
+    def folded_tensor(self, name: str, w0: torch.Tensor) -> torch.Tensor:
+        """State-dict entry ``name`` of ``fold()`` computed alone from the base's ``w0``: a new tensor where it is
+        merged, ``w0`` itself otherwise. What writing the fold tensor by tensor reads (``export.save_folded``):
+        no folded model beside the base. Not for per-task heads or experts' added tokens (``fold`` builds those)."""
+        if len(self.heads) or self.added is not None:
+            raise AdamergeError("per-task heads and added tokens are folded into a model (fold()), not by tensor")
+        if name not in self.merged_set:
+            return w0
+        p = w0.clone()
+        self._fold_tensor(name, p)
+        return p

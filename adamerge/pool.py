@@ -1,11 +1,17 @@
 """ExpertPool: a frozen base model and K named experts, read one expert at a time.
 
 Experts come from a local Hugging Face directory, a hub id, a PEFT LoRA adapter directory on top
-of the base, an in-memory ``nn.Module``, or a zero-argument callable that builds one. An expert is
-only ever materialized while its task vector is being written (docs/ARCHITECTURE.md, "Memory model");
-a LoRA adapter's task vectors stay its factors, never an (out x in) delta per expert. Experts whose
-tokenizers added tokens are trimmed to the base's vocabulary rows, their added rows kept aside
-(``adamerge/vocab.py``).
+of the base, an in-memory ``nn.Module``, or a zero-argument callable that builds one. A full
+checkpoint in safetensors files (a local directory, or a hub id's snapshot already in the local
+cache) is never built as a module: its headers are checked against the base's before anything is
+loaded, and each tensor is read from its file while its task vector is written
+(``safetensors_io.py``). A module is still built for LoRA adapters, per-task heads (classifiers,
+which need each expert's config), ``task_model`` (CLIP zero-shot heads), pickle checkpoints,
+checkpoints whose tensor names differ from the base's module (transformers renames them on loading),
+and in-memory modules or builders; it exists only while its task vector is written
+(docs/ARCHITECTURE.md, "Memory model"). A LoRA adapter's task vectors stay its factors, never an
+(out x in) delta per expert. Experts whose tokenizers added tokens are trimmed to the base's
+vocabulary rows, their added rows kept aside (``adamerge/vocab.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from torch import nn
 
 from adamerge.errors import AdamergeError
+from adamerge.safetensors_io import LazyTensors, TensorEntry, cached_snapshot, read_layout
 from adamerge.taskvectors import LoraFactors, TaskVectors
 from adamerge.tensors import TensorInfo, describe_tensor
 from adamerge.validate import check_task_names
@@ -103,6 +110,7 @@ class ExpertPool:
         self.expert_sources = {name: source for name, source in zip(check_task_names(experts), experts.values(),
                                                                      strict=True)}
         self.vocabulary = Vocabulary(tokenizer, self.expert_names)
+        self.layouts: dict[str, dict[str, TensorEntry]] = {}  # expert -> its files' tensors (read_layout)
         self.check_sources()  # before the base or any expert is loaded
         self.vocabulary.read(self.base_source, self.expert_sources, trust_remote_code)
         self.base = self._load_model(base, role="base")
@@ -152,6 +160,11 @@ class ExpertPool:
         """
         base = dict(self.base.named_parameters())
         for name, source in self.expert_sources.items():
+            lazy = self._expert_files(name)
+            if lazy is not None:
+                yield name, lazy, {}
+                lazy.clear()
+                continue
             expert = self._load_model(source, role=f"expert {name!r}")
             lora = is_adapter(source)
             model, layers = unload_lora(expert, name) if lora else (expert, {})
@@ -159,7 +172,7 @@ class ExpertPool:
                 model = self.task_model(name, model)
             factors = {f"{n}.weight": layers[id(m)] for n, m in model.named_modules() if id(m) in layers}
             params = dict(model.named_parameters())
-            self._check_matches_base(name, params)
+            self._check_matches_base(name, {n: (tuple(p.shape), p.dtype) for n, p in params.items()})
             self.vocabulary.keep_rows(name, params, self.vocab_names, self.vocab_rows())
             self.expert_configs[name] = getattr(model, "config", None)
             changed = [n for n in self.merged_names if not (lora and torch.equal(params[n], base[n]))]
@@ -169,6 +182,25 @@ class ExpertPool:
             tensors.clear()
             factors.clear()
             del tensors, factors
+
+    def _expert_files(self, name: str) -> LazyTensors | None:
+        """Expert ``name`` as its safetensors files, each tensor read when asked for, where no module is needed:
+        a full checkpoint of the base's model type (no custom code) holding every parameter of the base under the
+        base's names, no per-task heads, no ``task_model``. Its names, shapes and dtypes are checked against the
+        base's here, before any data is read."""
+        layout = self.layouts.get(name)
+        params = dict(self.base.named_parameters())
+        if layout is None or self.head_names or self.task_model is not None or any(n not in layout for n in params):
+            return None
+        config, base_type = read_config(next(iter(layout.values())).file.parent), getattr(self.base, "config", None)
+        if "auto_map" in config or config.get("model_type") != getattr(base_type, "model_type", None):
+            return None  # transformers decides (custom code needs pool.trust_remote_code)
+        tensors = LazyTensors(layout, list(params), {n: p.dtype for n, p in params.items()})  # read as the base's
+        self._check_matches_base(name, {n: (tensors.shape(n), p.dtype) for n, p in params.items()})  # dtypes: headers
+        if self.vocab_names and (tensors.shape(self.vocab_names[0])[0] > self.vocab_rows()
+                                 or self.vocabulary.added.get(name)):
+            self.vocabulary.keep_rows(name, tensors, self.vocab_names, self.vocab_rows())
+        return tensors
 
     def task_vectors(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                      pin_memory: bool = False):
@@ -184,15 +216,18 @@ class ExpertPool:
         parts: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         heads: dict[str, dict[str, torch.Tensor]] = {}
         for k, (name, params, factors) in enumerate(self.iter_experts()):
-            check_finite_expert(name, params, factors)
+            check_finite_expert(name, {n: params[n] for n in self.head_names}, factors)
             for n in self.merged_names:
                 if n not in params:
                     continue
+                value = params[n]  # an expert read from its files: this tensor alone, read now
+                check_finite_expert(name, {n: value}, {})
                 if n not in stacks:
                     stacks[n] = torch.empty((k_total, *base[n].shape), dtype=dtype or base[n].dtype, device=device,
                                             pin_memory=pin_memory)
-                stacks[n][k].copy_(params[n].to(base[n].device) - base[n])
+                stacks[n][k].copy_(value.to(base[n].device) - base[n])
                 filled.setdefault(n, set()).add(k)
+                del value
             for n, (left, right) in factors.items():
                 kw = {"dtype": dtype or base[n].dtype, "device": device or base[n].device, "copy": True}
                 parts.setdefault(n, []).append((k, left.to(**kw), right.to(**kw)))
@@ -215,21 +250,22 @@ class ExpertPool:
                            base={n: base[n].detach() for n in self.merged_names},
                            added=self.vocabulary.added_rows(self.vocab_rows()))
 
-    def _check_matches_base(self, expert: str, params: Mapping[str, torch.Tensor]) -> None:
+    def _check_matches_base(self, expert: str, params: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]]
+                            ) -> None:
+        """The expert's parameters (name -> (shape, dtype)) are the base's: same names, shapes and dtypes."""
         base = dict(self.base.named_parameters())
         for n, p in base.items():
             if n not in params:
                 raise AdamergeError(f"expert {expert!r} has no tensor {n!r} that the base has")
             if n in self.head_names:
                 continue  # heads may differ in shape (different label sets)
-            if n in self.vocab_names and params[n].shape[1:] == p.shape[1:] and params[n].shape[0] > p.shape[0]:
+            shape, dtype = params[n]
+            if n in self.vocab_names and shape[1:] == p.shape[1:] and shape[0] > p.shape[0]:
                 continue  # added tokens' rows (adamerge/vocab.py)
-            if params[n].shape != p.shape:
-                raise AdamergeError(
-                    f"expert {expert!r}: tensor {n!r} has shape {tuple(params[n].shape)}, the base {tuple(p.shape)}"
-                )
-            if params[n].dtype != p.dtype:
-                raise AdamergeError(f"expert {expert!r}: tensor {n!r} is {params[n].dtype}, the base {p.dtype}")
+            if shape != tuple(p.shape):
+                raise AdamergeError(f"expert {expert!r}: tensor {n!r} has shape {shape}, the base {tuple(p.shape)}")
+            if dtype != p.dtype:
+                raise AdamergeError(f"expert {expert!r}: tensor {n!r} is {dtype}, the base {p.dtype}")
         extra = next((n for n in params if n not in base), None)
         if extra is not None:
             raise AdamergeError(f"expert {expert!r} has a tensor {extra!r} that the base does not have")
@@ -249,21 +285,37 @@ class ExpertPool:
         return self._from_pretrained(str(source), role)
 
     def check_sources(self) -> None:
-        """Every local source readable and shaped like the base, from file headers alone (nothing is loaded):
-        a missing path, a truncated or inconsistent ``*.safetensors``, a tensor whose shape differs from the
-        base's (more rows only where the expert ships the tokenizer that added them), an adapter made for
-        another base (a warning)."""
-        local = {"base": self.base_source} if self.base_source is not None and is_local(self.base_source) else {}
-        local.update({f"expert {name!r}": source for name, source in self.expert_sources.items()
-                      if isinstance(source, (str, Path)) and is_local(source)})
-        headers = {role: self._check_local_source(Path(source).expanduser(), role) for role, source in local.items()}
+        """Every local source (or hub id found in the local cache) readable and like the base, from file headers
+        alone (nothing is loaded): a missing path, a truncated or inconsistent ``*.safetensors`` or index, a tensor
+        of the base's files missing from an expert's of the same architecture or the other way round, one whose
+        shape differs from the base's (more rows only where the expert ships the tokenizer that added them) or,
+        unless ``pool.dtype`` casts them, whose dtype does; an adapter made for another base (a warning). Keeps
+        each expert's layout for reading it."""
+        roles = {"base": self.base_source, **{f"expert {n!r}": s for n, s in self.expert_sources.items()}}
+        local = {role: directory for role, source in roles.items() if (directory := local_directory(source))}
+        headers = {role: self._check_local_source(path, role) for role, path in local.items()}
         base = headers.pop("base", {})
+        kind = same_kind(local["base"]) if "base" in local else None
         for role, tensors in headers.items():
-            for name, shape in tensors.items():
-                if name not in base or base[name] == shape or added_rows_allowed(
-                        role, local[role], shape, base[name], drop=self.vocabulary.choice == "base"):
+            names_match = tensors and base and kind is not None and same_kind(local[role]) == kind
+            missing = [n for n in base if names_match and n not in tensors]
+            if missing:
+                more = f" (nor {len(missing) - 1} more: another architecture?)" if len(missing) > 1 else ""
+                raise AdamergeError(f"{role}: its files have no tensor {missing[0]!r} that the base's have{more}")
+            extra = next((n for n in tensors if names_match and n not in base), None)
+            if extra is not None:
+                raise AdamergeError(f"{role} has a tensor {extra!r} that the base does not have")
+            for name, entry in tensors.items():
+                shape, theirs = entry.shape, base.get(name)
+                if theirs is None:
                     continue
-                raise AdamergeError(f"{role}: tensor {name!r} has shape {shape}, the base {base[name]}")
+                if theirs.shape != shape and not added_rows_allowed(role, local[role], shape, theirs.shape,
+                                                                    drop=self.vocabulary.choice == "base"):
+                    raise AdamergeError(f"{role}: tensor {name!r} has shape {shape}, the base {theirs.shape}")
+                if self.dtype is None and entry.dtype != theirs.dtype:
+                    raise AdamergeError(f"{role}: tensor {name!r} is {entry.dtype}, the base {theirs.dtype}")
+        self.layouts = {name: headers[f"expert {name!r}"] for name in self.expert_sources
+                        if headers.get(f"expert {name!r}")}
         for name, source in self.expert_sources.items():
             if is_adapter(source):
                 self._check_adapter_base(Path(source).expanduser(), name)
@@ -280,9 +332,9 @@ class ExpertPool:
         log.warning("expert %r: its LoRA adapter was trained on %r, but pool.base is %r; merging it anyway",
                     expert, trained_on, str(base))
 
-    def _check_local_source(self, path: Path, role: str) -> dict[str, tuple[int, ...]]:
+    def _check_local_source(self, path: Path, role: str) -> dict[str, TensorEntry]:
         """A local source must be a model directory (or, for an expert, a LoRA adapter) we may read;
-        returns the tensor shapes its safetensors headers declare."""
+        returns what its safetensors headers declare (none for an adapter or pickle weights)."""
         if not path.exists():
             raise AdamergeError(f"{role}: path {str(path)!r} does not exist")
         if (path / "adapter_config.json").exists():
@@ -294,7 +346,7 @@ class ExpertPool:
                 f"{role}: {str(path)!r} is not a model directory (no config.json or adapter_config.json)"
             )
         self._check_weight_format(path, role)
-        return safetensors_shapes(path, role)
+        return read_layout(path, role)
 
     def _check_weight_format(self, path: Path, role: str) -> None:
         files = [f.name for f in path.iterdir()]
@@ -360,26 +412,34 @@ def check_finite_expert(expert: str, params: Mapping[str, torch.Tensor], factors
         raise AdamergeError(f"expert {expert!r}: tensor {bad!r} holds NaN/Inf; refusing to merge it")
 
 
+def read_config(directory: Path) -> dict:
+    """A model directory's ``config.json`` as a dict ({} where it is unreadable: loading it will say why)."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def same_kind(directory: Path) -> tuple:
+    """What must agree for two checkpoints to name the same tensors: their architectures and model type."""
+    config = read_config(directory)
+    return str(config.get("architectures")), str(config.get("model_type"))
+
+
+def local_directory(source: object) -> Path | None:
+    """Where a source's files are on this machine: its path, or a hub id's snapshot already in the local cache
+    (never downloaded here); None for modules, builders and hub ids not cached."""
+    if not isinstance(source, (str, Path)):
+        return None
+    return Path(source).expanduser() if is_local(source) else cached_snapshot(str(source))
+
+
 def same_source(a: str | Path, b: str | Path) -> bool:
     """Two model references name the same model: equal ids, or local paths to the same directory."""
     if str(a) == str(b):
         return True
     return is_local(a) and is_local(b) and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-
-
-def safetensors_shapes(path: Path, role: str) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of every ``*.safetensors`` in ``path``, from the headers (lazy ``safe_open``,
-    which also refuses a truncated file or a header whose offsets disagree with the shapes)."""
-    from safetensors import SafetensorError, safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), "pt") as f:
-                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})  # noqa: SIM118
-        except (SafetensorError, OSError) as e:
-            raise AdamergeError(f"{role}: {str(file)!r} is damaged or truncated ({e})") from e
-    return shapes
 
 
 def is_adapter(source: Source) -> bool:

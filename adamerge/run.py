@@ -77,24 +77,30 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     elif steps_left != 0:
         fit(merged, objective, data, tokenizer, config, run_dir, steps_left, logger, config.get("resume"))
 
-    metrics["after"] = evaluate_merged(merged, tokenizer, eval_cfg, causal)
+    # The fold, once: evaluated, checked and written (without a use for a model it is written tensor by tensor)
     changed = steps_left != 0 or checked.search is not None
+    needs_model = data is not None or eval_cfg.get("tests") or (harness and changed)
+    folded = merged.fold() if needs_model and not len(merged.heads) else None
+    metrics["after"] = evaluate_merged(merged, tokenizer, eval_cfg, causal, folded)
     if harness:  # without training (or search) the merge is the one scored before
-        scores["after"] = harness.evaluate(merged.fold(), merged_tokenizer) if changed else scores["before"]
+        scores["after"] = scores["before"] if not changed else harness.evaluate(
+            folded if folded is not None else merged.fold(), merged_tokenizer)
         metrics["harness"] = scores
     finish_logger(logger, metrics, merged, max_steps)
     diff = None
     if data is not None:
         first = merged.experts[0]
-        with merged.task(first):
-            diff = fold_difference(merged, merged.fold(first), next(iter(data.loader(first, shuffle=False))))
+        with merged.task(first):  # with per-task heads: the first task's classifier
+            model = folded if folded is not None else merged.fold(first)
+            diff = fold_difference(merged, model, next(iter(data.loader(first, shuffle=False))))
         log.info("fold check: max |folded - merged| logits = %.3g", diff)
     else:
         log.info("fold check skipped: no calibration data (data.paths) to run it on")
     result = RunResult(Path(output_dir) if output_dir else None, metrics, merged.granularity.table(), diff)
     result.seconds = time.perf_counter() - start
     if output_dir and rank_zero_only.rank == 0:  # under DDP every rank gets here; one writes
-        write_output(merged, pool, objective, config, result, protected_inputs(config, {"the run directory": run_dir}))
+        write_output(merged, pool, objective, config, result, protected_inputs(config, {"the run directory": run_dir}),
+                     folded=folded)
         hub = hub_options(config)
         if hub is not None:  # after the atomic write: a failed upload leaves the local output complete
             publish(result.output_dir, **hub)

@@ -95,13 +95,14 @@ def read_layout(path: Path, role: str) -> dict[str, TensorEntry]:
 
 
 class LazyTensors(MutableMapping):
-    """A checkpoint's tensors by name, each read from its file when asked for (and not kept), in ``dtype`` if
-    given. Assigned values (an expert's trimmed vocabulary rows) are kept and shadow the file's."""
+    """A checkpoint's tensors by name, each read from its file when asked for (and not kept), floating-point ones
+    cast to ``dtypes[name]`` where given. Assigned values (an expert's trimmed vocabulary rows) are kept and
+    shadow the file's."""
 
     def __init__(self, layout: Mapping[str, TensorEntry], names: list[str] | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtypes: Mapping[str, torch.dtype] | None = None) -> None:
         self.layout = {n: layout[n] for n in (names if names is not None else layout)}
-        self.dtype = dtype
+        self.dtypes = dict(dtypes or {})
         self.assigned: dict[str, torch.Tensor] = {}
         self.handles: dict[Path, object] = {}
 
@@ -117,7 +118,8 @@ class LazyTensors(MutableMapping):
 
             self.handles[entry.file] = safe_open(str(entry.file), "pt")
         tensor = self.handles[entry.file].get_tensor(name)
-        return tensor if self.dtype is None or not tensor.is_floating_point() else tensor.to(self.dtype)
+        dtype = self.dtypes.get(name)
+        return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         self.assigned[name] = value
@@ -154,7 +156,7 @@ def cached_snapshot(repo_id: str) -> Path | None:
 
 def save_layout(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """What ``model.save_pretrained`` would write (tied copies and ignored keys dropped, by transformers' own
-    rules), as the model's own tensors in state-dict order; None where transformers would convert or rename
+    rules), as the model's own tensors in the order it writes them; None where transformers would convert or rename
     tensors on saving, or copy custom code (then ``save_pretrained`` itself writes)."""
     try:
         from transformers import PreTrainedModel
@@ -168,10 +170,10 @@ def save_layout(model: nn.Module) -> dict[str, torch.Tensor] | None:
     for key in model._keys_to_ignore_on_save or ():
         state.pop(key, None)
     state = remove_tied_weights_from_state_dict(state, model)
-    reverted = revert_weight_conversion(model, dict(state))
-    if list(reverted) != list(state) or any(reverted[n] is not state[n] for n in state):
+    reverted = revert_weight_conversion(model, dict(state))  # in the order it writes (sorted for loaded models)
+    if set(reverted) != set(state) or any(reverted[n] is not state[n] for n in state):
         return None
-    return state
+    return reverted
 
 
 Produce = Callable[[str, torch.Tensor], torch.Tensor]  # (name, the model's tensor) -> the value written for it

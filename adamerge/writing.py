@@ -21,6 +21,7 @@ from adamerge.merged import MergedModel
 from adamerge.objectives.base import Objective
 from adamerge.pool import ExpertPool
 from adamerge.publish import hub_options
+from adamerge.safetensors_io import save_layout
 
 
 @dataclass
@@ -34,16 +35,25 @@ class RunResult:
 
 def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, config: Mapping,
                  result: RunResult, protected: Mapping[str, Path] | None = None,
-                 details: Mapping[str, Any] | None = None) -> None:
+                 details: Mapping[str, Any] | None = None, folded: torch.nn.Module | None = None) -> None:
     """The folded checkpoint with its coefficients, config, card and metrics.json (atomic).
 
-    With per-task heads, ``output_dir`` holds the merged backbone as a plain ``AutoModel``
-    checkpoint and ``tasks/<task>/`` one classifier per task. ``output.format=lora`` writes a PEFT adapter
-    of the merge instead of the weights, ``both`` the full checkpoint and the adapter in ``adapter/``.
+    ``folded``: the run's fold where it already made one (``merged.fold()``, for the fold check or the
+    evaluation); it is what gets written, so the checked weights are the written ones. Without it the fold is
+    written tensor by tensor (``MergedModel.folded_tensor``), never as a second model beside the base, except
+    where a model is needed: per-task heads, experts' added tokens, an adapter output, a model whose tensors
+    transformers converts on saving. With per-task heads, ``output_dir`` holds the merged backbone as a plain
+    ``AutoModel`` checkpoint and ``tasks/<task>/`` one classifier per task. ``output.format=lora`` writes a PEFT
+    adapter of the merge instead of the weights, ``both`` the full checkpoint and the adapter in ``adapter/``.
     """
     heads = len(merged.heads) > 0
-    folded = merged.fold().base_model if heads else merged.fold()
     fmt, rank = output_options(config)
+    by_tensor = (folded is None and not heads and fmt == "full" and merged.added is None
+                 and save_layout(merged.base) is not None)
+    if heads:
+        folded = merged.fold().base_model
+    elif folded is None and not by_tensor:
+        folded = merged.fold()
     adapter = build_adapter(merged, folded, pool, rank) if fmt != "full" else None
     base_name = str(pool.base_source) if pool.base_source is not None else None
 
@@ -70,7 +80,7 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
                                "the task vectors' elements")
     coefficients = {**result.coefficients, **granularity.state_tensors(), **objective.state_tensors()}
     save_folded(
-        folded, result.output_dir, base_source=pool.base_source,
+        merged.base if by_tensor else folded, result.output_dir, base_source=pool.base_source,
         experts={k: "in-memory" if isinstance(v, torch.nn.Module) or callable(v) else str(v)
                  for k, v in pool.expert_sources.items()},
         coefficients=coefficients,
@@ -84,7 +94,7 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
         card={"adapter": card_section(adapter, fmt) if adapter else (), "library": "peft" if fmt == "lora" else
               "transformers", "merge_sources": merge_sources(pool) if hub_options(config) else None,
               "kinship": merged_kinship(merged), **harness_card(result, config)},
-        tokenizer=pool.vocabulary.merged_tokenizer(),
+        tokenizer=pool.vocabulary.merged_tokenizer(), values=merged.folded_tensor if by_tensor else None,
     )
 
 

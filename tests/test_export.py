@@ -205,15 +205,17 @@ def test_failing_extra_files_leaves_previous_dir(merged_llama, previous_output):
 
 
 def test_full_disk_leaves_previous_dir(merged_llama, previous_output, monkeypatch):
+    import adamerge.safetensors_io
+
     base_dir, merged = merged_llama
     out, before = previous_output
     folded = merged.fold()
 
-    def no_space(self, directory, **kwargs):
-        Path(directory, "model.safetensors").write_bytes(b"half")  # a partial write, then the disk is full
+    def no_space(f, tensor):
+        f.write(b"half")  # a partial write, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(type(folded), "save_pretrained", no_space)
+    monkeypatch.setattr(adamerge.safetensors_io, "write_tensor", no_space)
     with pytest.raises(AdamergeError, match=r"could not write output_dir=.*out'.*No space left on device"):
         save_folded(folded, out, base_source=base_dir, overwrite=True)
     assert_untouched(out, before)

@@ -168,9 +168,8 @@ import runpy
 import sys
 import time
 
-import safetensors.torch
-
 import adamerge.export as export
+import adamerge.safetensors_io as safetensors_io
 
 mode, marker, sys.argv = sys.argv[1], sys.argv[2], ["adamerge", *sys.argv[3:]]
 
@@ -180,14 +179,12 @@ def pause():
     time.sleep(600)
 
 
-if mode == "enospc":  # the disk fills up 4 KiB into model.safetensors
-    def serialize_file(tensors, filename, metadata=None):
-        data = safetensors.torch.serialize(tensors, metadata=metadata)
-        with open(filename, "wb") as f:
-            f.write(data[:4096])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+if mode == "enospc":  # the disk fills up 4 KiB into model.safetensors' tensors
+    def write_tensor(f, tensor):
+        f.write(bytes(4096))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
 
-    safetensors.torch.serialize_file = serialize_file
+    safetensors_io.write_tensor = write_tensor
 elif mode == "pause-write":  # weights and tokenizer are in the temporary directory, coefficients not yet
     save_coefficients = export.save_coefficients
 

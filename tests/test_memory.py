@@ -72,10 +72,13 @@ def test_builders_one_expert_at_a_time(family, monkeypatch):
     check_one_at_a_time(tracker, family.pool())
 
 
-def test_directories_one_expert_at_a_time(llama_family, tmp_path, monkeypatch):
+def test_directories_build_no_expert_module(llama_family, tmp_path, monkeypatch):
+    """Experts in safetensors directories are read from their files, one tensor at a time
+    (tests/test_safetensors_io.py): no module is built for any of them."""
     base_dir, dirs = llama_family.save(tmp_path)
     tracker = Tracker(monkeypatch)
-    check_one_at_a_time(tracker, ExpertPool(base_dir, dirs))
+    tv = ExpertPool(base_dir, dirs).task_vectors()
+    assert tracker.modules == [] and all(s.shape[0] == len(dirs) for s in tv.stacks.values())
 
 
 def test_lora_adapters_one_expert_at_a_time(llama_family, tmp_path, monkeypatch):
