@@ -77,7 +77,7 @@ def build_merged(pool: ExpertPool, task_vectors: TaskVectors, config: Mapping, o
         budget = round(float(per_tensor) * len(task_vectors.infos))
     if not budget:
         granularity = construct(GRANULARITIES, "granularity", gran_cfg)
-        merged = MergedModel(pool.base, task_vectors, granularity, bool(config.get("recompute")))
+        merged = MergedModel(pool.base, task_vectors, granularity, bool(config.get("recompute")), shard(config))
         if granularity.init == "sens":  # Sens-Merging's coefficients, from the calibration data
             apply_sens_init(merged, data)
         return merged, max_steps
@@ -87,9 +87,14 @@ def build_merged(pool: ExpertPool, task_vectors: TaskVectors, config: Mapping, o
     counts, table = chunk_allocation_stage(pool, task_vectors, {**gran_cfg, "budget": budget}, objective, data,
                                            tokenizer, config, run_dir, steps1, logger)
     chunk = construct(GRANULARITIES, "granularity", {**gran_cfg, "counts": counts})
-    merged = MergedModel(pool.base, task_vectors, chunk, bool(config.get("recompute")))
+    merged = MergedModel(pool.base, task_vectors, chunk, bool(config.get("recompute")), shard(config))
     chunk.load_table(table)
     return merged, max_steps - steps1
+
+
+def shard(config: Mapping) -> bool:
+    """``pool.shard``: each rank of a data-parallel run keeps 1/N of every task-vector stack (``sharding.py``)."""
+    return bool((config.get("pool") or {}).get("shard"))
 
 
 def chunk_allocation_stage(pool: ExpertPool, task_vectors: TaskVectors, gran_cfg: dict, objective: Objective, data,
@@ -98,7 +103,7 @@ def chunk_allocation_stage(pool: ExpertPool, task_vectors: TaskVectors, gran_cfg
     from adamerge.training import fit  # the trainer (Lightning) is imported by the runs that train
 
     common = {k: gran_cfg[k] for k in ("init", "transform", "space") if k in gran_cfg}
-    stage1 = MergedModel(pool.base, task_vectors, Layer(**common), bool(config.get("recompute")))
+    stage1 = MergedModel(pool.base, task_vectors, Layer(**common), bool(config.get("recompute")), shard(config))
     fit(stage1, objective, data, tokenizer, config, run_dir / "stage1", steps, logger)
     table = stage1.granularity.table()
     importance = tensor_importance(table, task_vectors.sq_norms(), task_vectors.infos)

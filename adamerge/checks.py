@@ -24,6 +24,7 @@ from adamerge.pool import ExpertPool, is_local
 from adamerge.publish import hub_options
 from adamerge.search import SearchOptions, load_dev_rows, search_options
 from adamerge.sensitivity import require_data
+from adamerge.sharding import check_shard
 from adamerge.validate import check_known_keys, check_numbers, check_task_names
 
 
@@ -78,6 +79,9 @@ def check_before_loading(config: Mapping, run_dir: Path, pool: ExpertPool | None
     pool_cfg = config.get("pool") or {}
     experts = pool.expert_names if pool is not None else check_task_names(list(pool_cfg.get("experts") or {}))
     objective: Objective = construct(OBJECTIVES, "objective", config.get("objective") or {"name": "entropy"})
+    if pool_cfg.get("shard"):
+        check_shard(objective, bool(config.get("recompute")), parse_offload(pool_cfg.get("offload")),
+                    (config.get("trainer") or {}).get("strategy", "auto"))
     if not objective.supports_offload and parse_offload(pool_cfg.get("offload")):
         raise AdamergeError(f"objective={config['objective']['name']} rewrites the task vectors themselves, next to "
                             "the coefficients; it does not take pool.offload=cpu")

@@ -7,6 +7,7 @@ Checkpoints hold the trainable tensors alone, never the frozen base or the task 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,7 +29,10 @@ from adamerge.frank_wolfe import FrankWolfe
 from adamerge.masks import param_groups
 from adamerge.merged import MergedModel
 from adamerge.objectives.base import Objective
+from adamerge.sharding import check_shard, rank_mesh
 from adamerge.terminal import StepProgressBar
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(AdamergeError):
@@ -66,6 +70,17 @@ class MergeModule(pl.LightningModule):
         self.extra = torch.nn.ParameterList(objective.extra_parameters())  # registered: optimized and checkpointed
         self.optim = dict(optim or {})
         self.strict_loading = False  # checkpoints hold only the trainable tensors
+        if merged.shard_stacks:
+            check_shard(objective, merged.recompute, offload=merged.host is not None)
+
+    def configure_model(self) -> None:
+        """``pool.shard``: Lightning calls this inside ``Trainer.fit`` once the ranks' process group exists."""
+        if self.merged.shard_stacks:
+            shard_across_ranks(self.merged, self.trainer.strategy)
+
+    def on_fit_end(self) -> None:
+        """Sharded stacks gathered back (into host memory) for what follows: the fold, evaluation, writing."""
+        self.merged.unshard()
 
     def on_fit_start(self) -> None:
         """Train mode before Lightning checks for modules left in eval mode (a loaded model is in eval mode)."""
@@ -142,6 +157,20 @@ class MergeModule(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["adamerge"] = {"experts": list(self.merged.experts),  # checked by read_resume
                                   "granularity": type(self.merged.granularity).__name__}
+
+
+def shard_across_ranks(merged: MergedModel, strategy) -> None:
+    """Keep this rank's rows of every task-vector stack (``sharding.py``); one process has nothing to split."""
+    if strategy.world_size == 1:
+        return
+    if not isinstance(strategy, pl.strategies.DDPStrategy):
+        raise AdamergeError(f"pool.shard=true splits the task vectors over the ranks of data-parallel training "
+                            f"(trainer.strategy=ddp), not {type(strategy).__name__}")
+    whole = sum(b.numel() * b.element_size() for b in merged.task_vectors.buffers())
+    merged.shard(rank_mesh(strategy.root_device), strategy.root_device)
+    held = sum(s.local_bytes() for s in merged.sharded.values())
+    log.info("pool.shard: rank %d of %d holds %.3g of the %.3g MiB of dense task vectors", strategy.global_rank,
+             strategy.world_size, held / 2**20, whole / 2**20)
 
 
 def fit(merged: MergedModel, objective: Objective, data, tokenizer, config: Mapping, run_dir: Path, max_steps: int,
