@@ -75,6 +75,10 @@ def write_output(merged: MergedModel, pool: ExpertPool, objective: Objective, co
         if heads:
             details["tasks"] = (getattr(merged.base, "heads_file", None)
                                 or ", ".join(f"tasks/{t}" for t in merged.experts))
+        search = config.get("search") or {}
+        if search.get("name", "none") != "none":  # the coefficients come from a search, not from the steps
+            details["search"] = (f"{search['name']}, fitness {search.get('fitness')} (subset {search.get('subset')}), "
+                                 f"{search.get('max_evals')} evaluations")
         if granularity.mask is not None:
             details["mask"] = (f"Concrete, {granularity.mask.kind}: keeps {100 * granularity.mask.density():.1f}% of "
                                "the task vectors' elements")

@@ -178,5 +178,7 @@ def test_the_preset_runs_end_to_end_with_the_models_loaded_once(tmp_path, monkey
     assert len(so_far) >= 3 and so_far == sorted(so_far, reverse=True)  # generation 0 (the start), then >= 2
     assert int(float(rows[-1]["search/evaluations"])) == 1 + 12  # the start + 3 generations of 4 (budget 10)
     assert (tmp_path / "out" / "model.safetensors").exists()
-    assert "Evolutionary merging (CMA-ES)" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Evolutionary merging (CMA-ES)" in card
+    assert "- search: `cma, fitness eval (subset 5), 10 evaluations`" in card
     assert result.metrics["after"] == {}  # no eval.tests: the fitness read the dev rows only
