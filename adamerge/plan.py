@@ -7,11 +7,13 @@ every figure follows the memory model of docs/ARCHITECTURE.md:
 - base: its parameters in ``pool.dtype`` (else the config's dtype, as ``from_pretrained`` loads it);
 - task vectors: ``K x numel`` per merged tensor in ``pool.tv_dtype``, or a LoRA tensor's factors
   ``(rows + cols) x sum of ranks``; in host memory under ``pool.offload=cpu`` (two stacks in transit on an
-  accelerator); ``pool.shard=true`` divides them by the number of ranks;
+  accelerator); ``pool.shard=true`` divides them by the number of ranks on the device (each process still
+  builds them whole in host memory first);
 - one expert while loading (host): the task vectors are built one expert at a time;
-- merged weights: every merged tensor in the base's dtype, alive for the step (the fold's copy after it),
-  their gradients in backward when a step has several tasks (each task's graph uses every weight), plus
-  the largest merge temporary;
+- merged weights: every merged tensor in the base's dtype, alive for the step (the fold's copy after it;
+  ``pool.shard=true``: gathered for the forwards, gathered again one at a time in backward), their gradients
+  in backward when a step has several tasks (each task's graph uses every weight), plus the largest merge
+  temporary;
 - coefficients: ``K x n`` fp32 with their gradient and Adam's two moments when training;
 - teacher cache (``objective=align|dam`` with ``teacher=cached``): per scored position ``top_k`` fp32
   log-probabilities and int64 ids, the chosen hidden states, and the row's token ids (an upper bound);
@@ -335,12 +337,6 @@ def accelerator_of(trainer_cfg: Mapping) -> str:
     return "cuda" if name == "gpu" else name
 
 
-def layer_of(name: str) -> str:
-    """``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``: the unit a sharded run gathers at once."""
-    match = re.match(r"(.*?\.\d+)\.", name)
-    return match.group(1) if match else name
-
-
 def task_rows(data_cfg: Mapping, tasks: Sequence[str], rows: Mapping[str, int] | None) -> int | None:
     """Calibration examples over all tasks: given, or counted in local JSONL files (``data.limit`` applied)."""
     if rows is not None:
@@ -403,16 +399,10 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
         on_device_stacks = 0 if accelerator == "cpu" else 2 * k * tv_size * max(
             (params[n].numel() for n in dense), default=0)
     built_on_host = not pool_cfg.get("device") or pool_cfg["device"] == "cpu"  # pool.device: where they are built
-    host_stacks = stack_bytes // split if offload or built_on_host else 0
+    host_stacks = stack_bytes if offload or built_on_host else 0  # sharded too: each process builds them whole
     expert_bytes = base_bytes  # a full expert, or a LoRA adapter on a private copy of the base
-    device_base = (base_bytes - merged_bytes + merged_bytes // split) + buffer_bytes
-    if shard:
-        by_layer: dict[str, int] = {}
-        for n in vector_names:
-            by_layer[layer_of(n)] = by_layer.get(layer_of(n), 0) + params[n].numel() * params[n].element_size()
-        merged_device = merged_bytes // split + max(by_layer.values(), default=0)
-    else:
-        merged_device = merged_bytes
+    device_base = base_bytes + buffer_bytes
+    merged_device = merged_bytes
     # With two or more tasks per step every merged weight is used by each task's graph: backward holds its
     # accumulating gradient until the last task's contribution, so all of them are alive at once.
     tasks = [t for t in experts if t in (data_cfg.get("paths") or {})] or list(experts)
@@ -446,8 +436,7 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
     lines = [
         Line("base", device_base if accelerator != "cpu" else base_bytes + buffer_bytes,
              per_node * (base_bytes + buffer_bytes),
-             f"{sum(p.numel() for p in params.values()):,} parameters in {str(base_dtype).replace('torch.', '')}"
-             + (f"; merged tensors sharded 1/{split}" if shard else "")),
+             f"{sum(p.numel() for p in params.values()):,} parameters in {str(base_dtype).replace('torch.', '')}"),
         Line("task vectors", on_device_stacks + factor_bytes,
              per_node * (host_stacks + (factor_bytes if built_on_host else 0)),
              stack_note(dense, factors, ranks_of, k, tv_dtype or base_dtype, offload, accelerator, shard, split, ddp)),
@@ -456,7 +445,7 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
              f"{len(vector_names)} tensors in {str(base_dtype).replace('torch.', '')} for the step (the fold's "
              f"copy after it)" + (", their gradients in backward" if gradients else "")
              + f" + {human(temporary)} merge temporary"
-             + (f"; 1/{split} + the largest layer gathered" if shard else "")),
+             + ("; gathered from the ranks' rows, again one at a time in backward" if shard else "")),
         Line("coefficients + optimizer", coef_bytes, 0,
              f"{k} x {n_coef:,} fp32" + (f" + {mask_logits:,} mask logits" if mask_logits else "")
              + (" + grad + Adam's 2 moments" if steps > 0 else " (no training)")),

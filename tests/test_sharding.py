@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from sharded_worker import CASES, train
-from tiny import build_module, quiet_trainer, tiny_parts
+from tiny import build_module, quiet_trainer, tiny_parts, write_zoo
 
 from adamerge.checks import check_before_loading
 from adamerge.errors import AdamergeError
 from adamerge.objectives import OBJECTIVES
-from adamerge.plan import compose_config
+from adamerge.plan import compose_config, make_plan
 from adamerge.sharding import check_shard
 
 TESTS = Path(__file__).parent
@@ -109,6 +109,16 @@ def test_a_run_refuses_before_loading(tmp_path, overrides, says):
     config = compose_config(["pool.base=base", "pool.experts.a=a", "pool.experts.b=b", "pool.shard=true", *overrides])
     with pytest.raises(AdamergeError, match=says):
         check_before_loading(config, tmp_path)
+
+
+def test_plan_puts_half_of_every_stack_on_each_rank(tmp_path):
+    """``adamerge plan``: the device holds 1/N of the stacks (what the 2-process test measures per rank), while
+    each of the node's N processes builds them whole in host memory first."""
+    args = [*write_zoo(tmp_path / "zoo").cli_args(), "trainer.accelerator=cpu"]
+    whole = make_plan(compose_config(args)).parts["stacks"]
+    plan = make_plan(compose_config([*args, "pool.shard=true", "trainer.devices=2"]))
+    line = next(x for x in plan.lines if x.component == "task vectors")
+    assert line.device == whole // 2 and line.host == 2 * whole
 
 
 @pytest.mark.slow
