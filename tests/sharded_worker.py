@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -23,19 +24,33 @@ from safetensors.torch import save_file
 from tiny import build_module, quiet_trainer, tiny_parts
 
 from adamerge.sharding import Sharded
+from adamerge.taskvectors import LoraFactors, TaskVectors
 
 STEPS = 4
 BATCH = 8  # the global batch: BATCH // ranks rows per rank
-# name -> (granularity, objective, task-vector dtype)
+# name -> (granularity, objective, task-vector dtype, MLP task vectors as LoRA factors)
 CASES = {
-    "layer-entropy": ({"name": "layer"}, {"name": "entropy", "positions": "last"}, None),
+    "layer-entropy-lora": ({"name": "layer"}, {"name": "entropy", "positions": "last"}, None, True),
     "chunk-entropy-bf16": ({"name": "chunk", "chunks": {"*": 3}}, {"name": "entropy", "positions": "last"},
-                           torch.bfloat16),
+                           torch.bfloat16, False),
     "column-align-online": ({"name": "column"}, {"name": "align", "positions": "generated", "new_tokens": 3,
-                                                 "teacher": "online", "coef_reg": 0.01}, None),
+                                                 "teacher": "online", "coef_reg": 0.01}, None, False),
     "block-dam-weights": ({"name": "block", "partitions": 2, "space": "weights", "init": 0.5},
-                          {"name": "dam", "positions": "last"}, torch.bfloat16),
+                          {"name": "dam", "positions": "last"}, torch.bfloat16, False),
 }
+
+
+def with_lora_mlp(tv: TaskVectors, rank: int = 4) -> TaskVectors:
+    """The MLP matrices' task vectors as rank-``rank`` LoRA factors (each expert's truncated SVD), the others
+    dense: a merge with sources of both kinds (the factors stay whole on every rank)."""
+    factors, k = {}, tv.num_experts
+    for name, stack in tv.stacks.items():
+        if ".mlp." in name:
+            u, s, vh = torch.linalg.svd(stack, full_matrices=False)
+            left, right = u[:, :, :rank] * s[:, None, :rank], vh[:, :rank]
+            factors[name] = LoraFactors(torch.cat(list(left), 1), torch.cat(list(right)),
+                                        torch.arange(k).repeat_interleave(rank), k)
+    return replace(tv, stacks={n: s for n, s in tv.stacks.items() if n not in factors}, factors=factors)
 
 
 class Alive:
@@ -97,12 +112,14 @@ class Record(pl.Callback):
         self.losses.append(loss.item())
 
 
-def train(case: str, ranks: int, parts=None) -> tuple[dict, dict[str, torch.Tensor]]:
+def train(case: str, ranks: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """Train ``case`` on ``ranks`` processes (1: no sharding); returns (record, tensors) of the run."""
-    granularity, objective, tv_dtype = CASES[case]
-    parts = parts or tiny_parts()
+    granularity, objective, tv_dtype, lora = CASES[case]
+    parts = tiny_parts()
     if tv_dtype is not None:
         parts.task_vectors = parts.task_vectors.to(dtype=tv_dtype)
+    if lora:
+        parts.task_vectors = with_lora_mlp(parts.task_vectors)
     merged, data, module = build_module(parts, granularity, objective, batch_size=BATCH // ranks,
                                         shard=ranks > 1)
     whole_bytes = sum(s.numel() * s.element_size() for s in parts.task_vectors.stacks.values())
@@ -119,7 +136,7 @@ def train(case: str, ranks: int, parts=None) -> tuple[dict, dict[str, torch.Tens
         dist.all_gather_object(bytes_per_rank, record.local_bytes)
     return {"losses": record.losses, "bytes_per_rank": bytes_per_rank, "whole_bytes": whole_bytes,
             "whole_stacks_while_training": record.whole_stacks, "merged_bytes": record.merged_bytes,
-            "gathered_backward_peak": Alive.backward_peak}, tensors
+            "gathered_backward_peak": Alive.backward_peak, "lora_tensors": len(merged.lora)}, tensors
 
 
 def main(out: Path) -> None:

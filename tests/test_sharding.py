@@ -62,6 +62,7 @@ def test_two_sharded_ranks_match_one_process(tmp_path):
         assert sharded["whole_bytes"] == single["whole_bytes"]
         assert sharded["bytes_per_rank"] == [single["whole_bytes"] / 2] * 2, case  # each rank: half of every stack
         assert sharded["whole_stacks_while_training"] == 0
+        assert (sharded["lora_tensors"] > 0) == CASES[case][3]  # LoRA factors: whole on every rank
         # backward gathers each saved weight again instead of keeping the whole merged model: one at a time
         assert 0 < sharded["gathered_backward_peak"] <= sharded["merged_bytes"] / 4, case
         torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single["losses"]), rtol=1e-6,
