@@ -162,6 +162,7 @@ class MergeModule(pl.LightningModule):
 def shard_across_ranks(merged: MergedModel, strategy) -> None:
     """Keep this rank's rows of every task-vector stack (``sharding.py``); one process has nothing to split."""
     if strategy.world_size == 1:
+        log.info("pool.shard=true with one process: the task vectors stay whole")
         return
     if not isinstance(strategy, pl.strategies.DDPStrategy):
         raise AdamergeError(f"pool.shard=true splits the task vectors over the ranks of data-parallel training "
