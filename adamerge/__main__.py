@@ -41,9 +41,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
 
 @hydra.main(version_base=None, config_path="pkg://adamerge.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    from pytorch_lightning.utilities.exceptions import SIGTERMException  # here: config errors stay fast
-
-    from adamerge.checkpointing import Interrupted, Terminated, raise_on_sigterm
+    from adamerge.signals import Stopped, Terminated, raise_on_sigterm
     from adamerge.terminal import quiet
 
     quiet(bool(cfg.get("verbose")))
@@ -58,12 +56,9 @@ def hydra_main(cfg: DictConfig) -> None:
             raise AdamergeError(duplicate)
         summary = {"status": "ok", "overrides": overrides, **execute(cfg, run_dir)}
         summary["seconds"] = time.perf_counter() - start  # the job's wall time, loading included
-    except SIGTERMException as e:  # adamerge.checkpointing.Interrupted (SIGINT/SIGTERM) or Lightning's own
-        stopped = isinstance(e, Interrupted)
-        checkpoint = run_dir / "checkpoints" / "interrupted.ckpt"
-        message = str(e) if stopped else f"stopped by SIGTERM; resume with resume={checkpoint}"
-        print(f"adamerge: error: {message}", file=sys.stderr)
-        sys.exit(e.code if stopped else 143)
+    except Stopped as e:  # SIGINT/SIGTERM stopped training after a step (``training.fit``)
+        print(f"adamerge: error: {e}", file=sys.stderr)
+        sys.exit(e.code)
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM outside training: nothing was half-written
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
         print(f"adamerge: error: stopped by {name} before the run finished; output_dir was not written (an earlier "
@@ -84,9 +79,9 @@ def hydra_main(cfg: DictConfig) -> None:
             print(f"adamerge: error: {e}", file=sys.stderr)
             sys.exit(2)
         raise
-    from pytorch_lightning.utilities import rank_zero_only
+    from adamerge.ranks import is_rank_zero
 
-    if rank_zero_only.rank == 0:  # DDP ranks share the run dir
+    if is_rank_zero():  # DDP ranks share the run dir
         (run_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
         log.info("%s", where_output_went(summary, run_dir))
 

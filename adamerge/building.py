@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from adamerge.allocation import allocate_chunks, tensor_importance
-from adamerge.data import Collator, TaskDataModule
+from adamerge.data import Collator
 from adamerge.errors import AdamergeError
 from adamerge.granularity import GRANULARITIES, Layer, chunk_limit
 from adamerge.merged import MergedModel
@@ -24,6 +24,8 @@ from adamerge.taskvectors import TaskVectors
 
 if TYPE_CHECKING:
     from pytorch_lightning.loggers import Logger
+
+    from adamerge.datamodule import TaskDataModule
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,11 @@ def warn_long_rows(rows: Mapping[str, Sequence[Mapping]], tokenizer, field: str,
 def build_datamodule(cfg: Mapping, rows: Mapping[str, Sequence[Mapping]] | None, tokenizer, objective: Objective,
                      causal: bool, seed: int, positions: int | None = None,
                      model_bos_id: int | None = None) -> TaskDataModule | None:
+    """The calibration rows as Lightning serves them (None without rows: a run without data imports no Lightning)."""
     if rows is None:
         return None
+    from adamerge.datamodule import TaskDataModule
+
     labeled = objective.needs_labels
     max_length = min(cfg.get("max_length", 512), positions or cfg.get("max_length", 512))
     warn_long_rows(rows, tokenizer, cfg.get("field", "prompt"), max_length)

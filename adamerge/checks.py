@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from adamerge.checkpointing import read_resume
 from adamerge.closed_form import check_closed_form
 from adamerge.errors import AdamergeError
 from adamerge.export import check_output_dir
@@ -22,6 +21,7 @@ from adamerge.objectives import OBJECTIVES, Objective
 from adamerge.options import construct, parse_offload
 from adamerge.pool import ExpertPool, is_local
 from adamerge.publish import hub_options
+from adamerge.resume import read_resume
 from adamerge.search import SearchOptions, load_dev_rows, search_options
 from adamerge.sensitivity import require_data
 from adamerge.sharding import check_shard

@@ -8,13 +8,15 @@ the merged model), ``training`` (``fit``), ``evaluate`` (scores before and after
 from __future__ import annotations
 
 import logging
+import os
+import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import pytorch_lightning as pl
+import numpy as np
+import torch
 from omegaconf import DictConfig
-from pytorch_lightning.utilities import rank_zero_only
 
 from adamerge.building import build_datamodule, build_merged, max_positions
 from adamerge.checks import check_before_loading, protected_inputs
@@ -26,9 +28,9 @@ from adamerge.lora_output import check_adapter_fits, output_options
 from adamerge.plan import plan_line
 from adamerge.pool import ExpertPool
 from adamerge.publish import hub_options, publish
+from adamerge.ranks import is_rank_zero
 from adamerge.search import run_search
 from adamerge.taskvectors import TaskVectors
-from adamerge.training import fit
 from adamerge.writing import RunResult, write_output
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
     checked = check_before_loading(config, run_dir, pool)
     log.info("%s", plan_line(config, checked.rows, pool.base if pool is not None else None))
     objective, seed, output_dir = checked.objective, int(config.get("seed", 0)), config.get("output_dir")
-    pl.seed_everything(seed, workers=True, verbose=False)
+    seed_everything(seed)
     pool = pool or build_pool(config["pool"])
     tokenizer = build_tokenizer(pool, bool(config["pool"].get("trust_remote_code")))
     harness = checked.harness
@@ -59,7 +61,7 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
                             max_positions(pool.base), getattr(getattr(pool.base, "config", None), "bos_token_id", None))
     task_vectors = closed_form_merge(task_vectors, pool.base, config, data, tokenizer)  # (closed_form.method)
     max_steps = int((config.get("trainer") or {}).get("max_steps", 0))
-    logger = build_logger(config.get("logger"), run_dir, config)
+    logger = build_logger(config.get("logger"), run_dir, config, trains=max_steps > 0)
     merged, steps_left = build_merged(pool, task_vectors, config, objective, data, tokenizer, run_dir, max_steps,
                                       logger)
     fmt, rank = output_options(config)
@@ -75,6 +77,8 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
                    causal=causal, dev=checked.dev, harness=harness,
                    harness_tokenizer=merged_tokenizer if harness else None, logger=logger)
     elif steps_left != 0:
+        from adamerge.training import fit  # the trainer (Lightning): imported by the runs that train
+
         fit(merged, objective, data, tokenizer, config, run_dir, steps_left, logger, config.get("resume"))
 
     # The fold, once: evaluated, checked and written (without a use for a model it is written tensor by tensor)
@@ -98,10 +102,21 @@ def run(cfg: DictConfig | Mapping, run_dir: str | Path = ".", pool: ExpertPool |
         log.info("fold check skipped: no calibration data (data.paths) to run it on")
     result = RunResult(Path(output_dir) if output_dir else None, metrics, merged.granularity.table(), diff)
     result.seconds = time.perf_counter() - start
-    if output_dir and rank_zero_only.rank == 0:  # under DDP every rank gets here; one writes
+    if output_dir and is_rank_zero():  # under DDP every rank gets here; one writes
         write_output(merged, pool, objective, config, result, protected_inputs(config, {"the run directory": run_dir}),
                      folded=folded)
         hub = hub_options(config)
         if hub is not None:  # after the atomic write: a failed upload leaves the local output complete
             publish(result.output_dir, **hub)
     return result
+
+
+def seed_everything(seed: int) -> None:
+    """Lightning's ``seed_everything(seed, workers=True)`` without importing Lightning: Python's, NumPy's and
+    torch's generators, and the variables its trainer (``PL_SEED_WORKERS``: seeded loader workers) and its DDP
+    launcher (``PL_GLOBAL_SEED``) read."""
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ["PL_SEED_WORKERS"] = "1"

@@ -15,22 +15,20 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from adamerge.checkpointing import (
-    AtomicCheckpointIO,
-    check_resume_fits,
-    checkpoint_callbacks,
-    lightning_handles_sigterm,
-    read_resume,
-)
-from adamerge.data import DataFree
+from adamerge.checkpointing import AtomicCheckpointIO, Interrupted, checkpoint_callbacks
+from adamerge.datamodule import DataFree
 from adamerge.errors import AdamergeError
 from adamerge.frank_wolfe import FrankWolfe
 from adamerge.masks import param_groups
 from adamerge.merged import MergedModel
 from adamerge.objectives.base import Objective
+from adamerge.progress import StepProgressBar
+from adamerge.resume import check_resume_fits, read_resume
 from adamerge.sharding import check_shard, rank_mesh
-from adamerge.terminal import StepProgressBar
+from adamerge.signals import Stopped, lightning_handles_sigterm
+from adamerge.terminal import quiet_loggers
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +187,16 @@ def fit(merged: MergedModel, objective: Objective, data, tokenizer, config: Mapp
         callbacks, plugins = checkpoint_callbacks(run_dir, every), [AtomicCheckpointIO()]
     if trainer_cfg.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
+    if not config.get("verbose"):
+        quiet_loggers()  # Lightning's own, set to info when it was imported (a static run never imports it)
     trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger or False, callbacks=callbacks, plugins=plugins,
                          **trainer_cfg)
     with lightning_handles_sigterm():
-        trainer.fit(module, datamodule=data or DataFree(max_steps), ckpt_path=resume)
+        try:
+            trainer.fit(module, datamodule=data or DataFree(max_steps), ckpt_path=resume)
+        except SIGTERMException as e:  # ours (``Interrupted``: SIGINT/SIGTERM after a step) or Lightning's own
+            if isinstance(e, Interrupted):
+                raise Stopped(e.code, str(e)) from e
+            checkpoint = run_dir / "checkpoints" / "interrupted.ckpt"
+            raise Stopped(143, f"stopped by SIGTERM; resume with resume={checkpoint}") from e
     objective.finish(merged)

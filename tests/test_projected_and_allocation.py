@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tiny import build_module, quiet_trainer, tiny_parts, write_zoo
 
 from adamerge.allocation import allocate_chunks, tensor_importance
-from adamerge.data import DataFree
+from adamerge.datamodule import DataFree
 from adamerge.errors import AdamergeError
 from adamerge.tensors import TensorInfo
 

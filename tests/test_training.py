@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from tiny import ROWS, build_module, quiet_trainer, tiny_parts, write_zoo
 
 from adamerge.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
-from adamerge.data import Collator, TaskDataModule
+from adamerge.data import Collator
+from adamerge.datamodule import TaskDataModule
 from adamerge.training import NonFiniteLoss
 
 TESTS = Path(__file__).parent

@@ -28,7 +28,8 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from adamerge.data import Collator, TaskDataModule  # noqa: E402
+from adamerge.data import Collator  # noqa: E402
+from adamerge.datamodule import TaskDataModule  # noqa: E402
 from adamerge.granularity import GRANULARITIES  # noqa: E402
 from adamerge.merged import MergedModel  # noqa: E402
 from adamerge.objectives import OBJECTIVES  # noqa: E402
