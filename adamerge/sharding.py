@@ -13,6 +13,8 @@ reduce-scatter: rank s receives ``sum_r g_r`` on its rows and forms ``<sum_r g_r
 DDP's all-reduce of the (replicated) coefficients' gradients then takes the mean over ranks,
 ``1/N sum_s <sum_r g_r[s], tau[s]> = 1/N sum_r <g_r, tau>``: exactly the gradient of the
 unsharded DDP run, with no second reduction. LoRA factors are small and stay replicated.
+Autograd keeps no gathered weight for backward (``regather_in_backward``): where backward needs one
+it merges its rows and gathers it again, so the whole merged weights live during the forwards only.
 
 Sharding happens inside ``Trainer.fit`` (the process group exists only there; Lightning's
 ``configure_model`` hook), and ``unshard`` gathers the stacks back into host memory at its end, so

@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from tiny import build_module, quiet_trainer, tiny_parts
+from torch.distributed.tensor import Shard, distribute_tensor
 
-from adamerge.sharding import Sharded
+from adamerge.sharding import Sharded, rank_mesh, shard_stack
 from adamerge.taskvectors import LoraFactors, TaskVectors
 
 STEPS = 4
@@ -139,6 +140,25 @@ def train(case: str, ranks: int) -> tuple[dict, dict[str, torch.Tensor]]:
             "gathered_backward_peak": Alive.backward_peak, "lora_tensors": len(merged.lora)}, tensors
 
 
+def uneven_rows() -> dict:
+    """A (2, 5, 3) stack over the ranks (5 rows: uneven): this rank's rows are the ones ``distribute_tensor``
+    places here, gathering a merge of them gives the whole merge, and the coefficient gradient summed over
+    ranks is the whole one (rank r's loss weighs the merged tensor by r + 1)."""
+    stack = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    mesh = rank_mesh(torch.device("cpu"))
+    sharded = shard_stack(stack, mesh, torch.device("cpu"))
+    placed = distribute_tensor(stack, mesh, [Shard(1)], src_data_rank=None).to_local()
+    coef = torch.tensor([0.3, 0.7], requires_grad=True)
+    merged = sharded.gather(torch.einsum("k,krc->rc", coef, sharded.local))
+    (merged * (dist.get_rank() + 1)).sum().backward()
+    grad = coef.grad.clone()
+    dist.all_reduce(grad)
+    whole_grad = sum(range(1, dist.get_world_size() + 1)) * stack.sum((1, 2))
+    return {"rows_as_dtensor": torch.equal(sharded.local, placed),
+            "merge_error": (merged - torch.einsum("k,krc->rc", coef, stack)).abs().max().item(),
+            "grad_error": (grad - whole_grad).abs().max().item()}
+
+
 def main(out: Path) -> None:
     Sharded.gather = Alive.track(Sharded.gather)
     for case in CASES:
@@ -146,6 +166,9 @@ def main(out: Path) -> None:
         if dist.get_rank() == 0:
             save_file(tensors, str(out / f"{case}.safetensors"))
             (out / f"{case}.json").write_text(json.dumps(record))
+    uneven = uneven_rows()  # the process group exists now (Lightning set it up)
+    if dist.get_rank() == 0:
+        (out / "uneven.json").write_text(json.dumps(uneven))
 
 
 if __name__ == "__main__":

@@ -54,8 +54,10 @@ def test_two_sharded_ranks_match_one_process(tmp_path):
     references = {case: train(case, ranks=1) for case in CASES}  # meanwhile, one process with the whole stacks
     for rank, proc in enumerate(procs):
         assert proc.wait(timeout=300) == 0, (tmp_path / f"rank{rank}.log").read_text()[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")) == \
-        sorted(f"{case}.{ext}" for case in CASES for ext in ("json", "safetensors"))  # rank 0 alone wrote
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")) == sorted(
+        ["uneven.json", *(f"{case}.{ext}" for case in CASES for ext in ("json", "safetensors"))])  # rank 0 wrote
+    uneven = json.loads((tmp_path / "uneven.json").read_text())
+    assert uneven["rows_as_dtensor"] and uneven["merge_error"] < 1e-6 and uneven["grad_error"] < 1e-5, uneven
     for case, (single, single_tensors) in references.items():
         sharded = json.loads((tmp_path / f"{case}.json").read_text())
         tensors = load_file(str(tmp_path / f"{case}.safetensors"))
