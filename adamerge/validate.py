@@ -3,7 +3,7 @@
 The README promises that bad input is refused before the work it would waste, with one line. Every
 check here reads only the config and the file system (never a model), so a typo in a number or a
 path costs milliseconds, not the minutes of loading a base and K experts. Data files, sources and
-``resume=`` are checked where they are read (``data.py``, ``pool.py``, ``checkpointing.py``), which
+``resume=`` are checked where they are read (``data.py``, ``pool.py``, ``resume.py``), which
 ``checks.py`` calls in this order before it loads a model.
 """
 
