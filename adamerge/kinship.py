@@ -29,6 +29,7 @@ from adamerge.errors import AdamergeError
 
 LAYER = re.compile(r"^(.*?\.\d+)\.")
 SHOWN_LAYERS = 3
+SIGN_CHUNK = 1 << 20  # columns per sign GEMM: counts stay exact in fp32, temporaries small
 
 
 @dataclass
@@ -82,18 +83,24 @@ def layer_of(name: str) -> str:
 
 
 def tensor_stats(stack: torch.Tensor) -> dict[tuple[int, int], PairStats]:
-    """Every pair's dot product, squared norms and sign counts on one ``(K, *shape)`` stack (fp32 sums)."""
+    """Every pair's dot product, squared norms and sign counts on one ``(K, *shape)`` stack (fp32 sums).
+
+    Sign counts for all pairs at once, by two small GEMMs per column chunk: with s = sign(tau), ``s @ s.T``
+    is agreements minus disagreements and ``|s| @ |s|.T`` the entries both change (exact: integers below
+    2^24 per chunk), so agreements = (both + signed) / 2; a loop over pairs read the stack K^2 / 2 times."""
     flat = stack.flatten(1)
     wide = flat.float()
     gram = wide @ wide.T
-    signs = torch.sign(flat).to(torch.int8)
-    out = {}
-    for i in range(flat.shape[0]):
-        for j in range(i + 1, flat.shape[0]):
-            product = signs[i] * signs[j]
-            out[(i, j)] = PairStats(gram[i, j].item(), gram[i, i].item(), gram[j, j].item(),
-                                    int((product > 0).sum()), int((product != 0).sum()))
-    return out
+    k = flat.shape[0]
+    signed, both = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64)
+    for chunk in wide.split(SIGN_CHUNK, dim=1):
+        s = torch.sign(chunk)
+        z = s.abs()
+        signed += s @ s.T
+        both += z @ z.T
+    agree = (both + signed) / 2
+    return {(i, j): PairStats(gram[i, j].item(), gram[i, i].item(), gram[j, j].item(), int(agree[i, j]),
+                              int(both[i, j])) for i in range(k) for j in range(i + 1, k)}
 
 
 def kinship(experts: Sequence[str], stacks: Iterable[tuple[str, torch.Tensor]]) -> Kinship:
