@@ -31,6 +31,7 @@ from torch import nn
 from adamerge.card import model_card
 from adamerge.errors import AdamergeError
 from adamerge.safetensors_io import Produce, save_layout, write_pretrained
+from adamerge.tensors import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
 def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     """The name of the first floating-point tensor holding NaN or Inf, if any."""
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             return name
     return None
 

@@ -30,7 +30,7 @@ from torch import nn
 from adamerge.errors import AdamergeError
 from adamerge.safetensors_io import LazyTensors, TensorEntry, cached_snapshot, read_layout
 from adamerge.taskvectors import LoraFactors, TaskVectors
-from adamerge.tensors import TensorInfo, describe_tensor
+from adamerge.tensors import TensorInfo, all_finite, describe_tensor
 from adamerge.validate import check_task_names
 from adamerge.vocab import Vocabulary, has_tokenizer_files, vocabulary_tensors
 
@@ -407,7 +407,7 @@ def added_rows_allowed(role: str, source: str | Path, shape: tuple[int, ...], ba
 def check_finite_expert(expert: str, params: Mapping[str, torch.Tensor], factors: Mapping[str, Factors]) -> None:
     """An expert with NaN/Inf weights would fold into a checkpoint of NaNs: refuse it, naming the first tensor."""
     tensors = {**params, **{f"{n} (LoRA factor {i})": t for n, pair in factors.items() for i, t in enumerate(pair)}}
-    bad = next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    bad = next((n for n, t in tensors.items() if t.is_floating_point() and not all_finite(t)), None)
     if bad is not None:
         raise AdamergeError(f"expert {expert!r}: tensor {bad!r} holds NaN/Inf; refusing to merge it")
 
