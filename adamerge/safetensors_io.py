@@ -97,14 +97,14 @@ def read_layout(path: Path, role: str) -> dict[str, TensorEntry]:
 class LazyTensors(MutableMapping):
     """A checkpoint's tensors by name, each read from its file when asked for (and not kept), floating-point ones
     cast to ``dtypes[name]`` where given. Assigned values (an expert's trimmed vocabulary rows) are kept and
-    shadow the file's."""
+    shadow the file's. The file is opened for each read: ``safe_open`` maps the whole file, and the pages a read
+    touches count in the process's resident memory until it is closed (a whole expert, otherwise)."""
 
     def __init__(self, layout: Mapping[str, TensorEntry], names: list[str] | None = None,
                  dtypes: Mapping[str, torch.dtype] | None = None) -> None:
         self.layout = {n: layout[n] for n in (names if names is not None else layout)}
         self.dtypes = dict(dtypes or {})
         self.assigned: dict[str, torch.Tensor] = {}
-        self.handles: dict[Path, object] = {}
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.assigned[name].shape) if name in self.assigned else self.layout[name].shape
@@ -112,12 +112,10 @@ class LazyTensors(MutableMapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self.assigned:
             return self.assigned[name]
-        entry = self.layout[name]
-        if entry.file not in self.handles:
-            from safetensors import safe_open
+        from safetensors import safe_open
 
-            self.handles[entry.file] = safe_open(str(entry.file), "pt")
-        tensor = self.handles[entry.file].get_tensor(name)
+        with safe_open(str(self.layout[name].file), "pt") as f:
+            tensor = f.get_tensor(name)
         dtype = self.dtypes.get(name)
         return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
@@ -135,9 +133,8 @@ class LazyTensors(MutableMapping):
         return len(self.layout)
 
     def clear(self) -> None:
-        """Forget the assigned tensors and close the files."""
+        """Forget the assigned tensors (the files are not held open)."""
         self.assigned.clear()
-        self.handles.clear()
 
 
 def cached_snapshot(repo_id: str) -> Path | None:
