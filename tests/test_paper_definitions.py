@@ -251,7 +251,8 @@ def test_training_runs_in_the_papers_mode(parts, objective, dropout):
 def test_objectives_declare_what_they_need():
     declared = {name: (cls.needs_data, cls.needs_labels, cls.supports_offload) for name, cls in OBJECTIVES.items()}
     assert declared == {"entropy": (True, False, True), "align": (True, False, True), "dam": (True, False, True),
-                        "ce": (True, True, True), "projected": (False, False, False)}
+                        "ce": (True, True, True), "projected": (False, False, False),
+                        "wudi": (False, False, False)}
 
 
 def test_doge_state_round_trip(llama_family):
