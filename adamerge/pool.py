@@ -225,7 +225,7 @@ class ExpertPool:
                 if n not in stacks:
                     stacks[n] = torch.empty((k_total, *base[n].shape), dtype=dtype or base[n].dtype, device=device,
                                             pin_memory=pin_memory)
-                stacks[n][k].copy_(value.to(base[n].device) - base[n])
+                torch.sub(value.to(base[n].device), base[n], out=stacks[n][k])  # no full-size temporary
                 filled.setdefault(n, set()).add(k)
                 del value
             for n, (left, right) in factors.items():
