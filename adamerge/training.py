@@ -172,6 +172,13 @@ def shard_across_ranks(merged: MergedModel, strategy) -> None:
              strategy.world_size, held / 2**20, whole / 2**20)
 
 
+def without_buffer_broadcast(strategy):
+    """``trainer.strategy=ddp`` without DDP's default broadcast of every buffer from rank 0 before each forward:
+    a MergedModel's buffers (the K task-vector stacks, fixed masks, heads) are frozen and equal on every rank,
+    and re-sending the stacks each step would cost K times the model's size in traffic per step."""
+    return pl.strategies.DDPStrategy(broadcast_buffers=False) if strategy == "ddp" else strategy
+
+
 def fit(merged: MergedModel, objective: Objective, data, tokenizer, config: Mapping, run_dir: Path, max_steps: int,
         logger: Logger | None = None, resume: str | None = None) -> None:
     """One ``Trainer.fit`` of the coefficients (and the objective's extra tensors). ``resume``: a checkpoint whose
@@ -189,6 +196,7 @@ def fit(merged: MergedModel, objective: Objective, data, tokenizer, config: Mapp
         callbacks.append(StepProgressBar())
     if not config.get("verbose"):
         quiet_loggers()  # Lightning's own, set to info when it was imported (a static run never imports it)
+    trainer_cfg["strategy"] = without_buffer_broadcast(trainer_cfg.get("strategy", "auto"))
     trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger or False, callbacks=callbacks, plugins=plugins,
                          **trainer_cfg)
     with lightning_handles_sigterm():
