@@ -16,7 +16,6 @@ expert pool (one expert loaded at a time). The model card of a merge carries the
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,10 +25,11 @@ from pathlib import Path
 import torch
 
 from adamerge.errors import AdamergeError
+from adamerge.safetensors_io import LazyTensors, read_layout, weight_files
 
 LAYER = re.compile(r"^(.*?\.\d+)\.")
 SHOWN_LAYERS = 3
-SIGN_CHUNK = 1 << 20  # columns per sign GEMM: counts stay exact in fp32, temporaries small
+SIGN_CHUNK = 1 << 14  # columns per sign GEMM: exact fp32 counts; temporaries small enough to be reused
 
 
 @dataclass
@@ -141,53 +141,24 @@ def merged_kinship(merged) -> list[str]:
 # ---- python -m adamerge inspect --------------------------------------------------------------------------
 
 
-def safetensors_files(directory: Path) -> list[Path] | None:
-    """The checkpoint's safetensors files (sharded or not), or None if it has none."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / s for s in shards]
-    single = directory / "model.safetensors"
-    return [single] if single.is_file() else None
-
-
-class TensorFiles:
-    """Tensors of one checkpoint by name, read lazily from its safetensors files."""
-
-    def __init__(self, files: Sequence[Path]) -> None:
-        from safetensors import safe_open
-
-        self.handles = [safe_open(str(f), framework="pt") for f in files]
-        self.where = {key: h for h in self.handles for key in h.keys()}  # noqa: SIM118 (safe_open is no mapping)
-
-    def names(self) -> list[str]:
-        return list(self.where)
-
-    def shape(self, name: str) -> list[int]:
-        return self.where[name].get_slice(name).get_shape()
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.where[name].get_tensor(name)
-
-
 def selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """``pool.include`` / ``pool.exclude`` as the pool applies them (regex search)."""
     return (not include or any(re.search(rx, name) for rx in include)) and not any(
         re.search(rx, name) for rx in exclude)
 
 
-def streamed_stacks(base: TensorFiles, experts: Sequence[TensorFiles], include: Sequence[str] = (),
+def streamed_stacks(base: LazyTensors, experts: Sequence[LazyTensors], include: Sequence[str] = (),
                     exclude: Sequence[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, stack)`` for every floating tensor the base and every expert hold with the same shape."""
-    for name in base.names():
-        if not selected(name, include, exclude) or any(name not in e.where for e in experts):
+    for name in base:
+        if not selected(name, include, exclude) or any(name not in e for e in experts):
             continue
         if any(e.shape(name) != base.shape(name) for e in experts):
             continue
-        w0 = base.get(name)
+        w0 = base[name]
         if not w0.is_floating_point():
             continue
-        yield name, torch.stack([e.get(name).to(w0.dtype) - w0 for e in experts])
+        yield name, torch.stack([e[name].to(w0.dtype) - w0 for e in experts])
 
 
 def stacks_of(pool_cfg: Mapping) -> tuple[list[str], Iterable[tuple[str, torch.Tensor]]]:
@@ -196,9 +167,9 @@ def stacks_of(pool_cfg: Mapping) -> tuple[list[str], Iterable[tuple[str, torch.T
     experts = {k: str(v) for k, v in (pool_cfg.get("experts") or {}).items()}
     if not pool_cfg.get("base") or len(experts) < 2:
         raise AdamergeError("inspect needs pool.base=DIR_OR_ID and at least two pool.experts.NAME=DIR_OR_ID")
-    files = [safetensors_files(Path(p)) if Path(p).is_dir() else None for p in [pool_cfg["base"], *experts.values()]]
-    if all(files):
-        base, *rest = (TensorFiles(f) for f in files)
+    roles = {"base": Path(pool_cfg["base"]), **{f"expert {n!r}": Path(p) for n, p in experts.items()}}
+    if all(path.is_dir() and weight_files(path) for path in roles.values()):
+        base, *rest = (LazyTensors(read_layout(path, role)) for role, path in roles.items())
         return list(experts), streamed_stacks(base, rest, pool_cfg.get("include") or (), pool_cfg.get("exclude") or ())
     from adamerge.loading import build_pool, raw_task_vectors
 

@@ -48,14 +48,12 @@ class TensorEntry:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The files ``from_pretrained`` reads: the shards the index names, else ``model.safetensors``, else every
-    ``*.safetensors`` of the directory (a checkpoint saved another way: its headers are checked all the same)."""
+    """The safetensors files ``from_pretrained`` reads: the shards the index names, else ``model.safetensors``
+    (none: a checkpoint in another form, which ``from_pretrained`` reads or refuses)."""
     index = path / INDEX_NAME
     if index.is_file():
         return [path / name for name in dict.fromkeys(sorted(read_index(index, path).values()))]
-    if (path / WEIGHTS_NAME).is_file():
-        return [path / WEIGHTS_NAME]
-    return sorted(path.glob("*.safetensors"))
+    return [path / WEIGHTS_NAME] if (path / WEIGHTS_NAME).is_file() else []
 
 
 def read_index(index: Path, path: Path) -> dict[str, str]:
