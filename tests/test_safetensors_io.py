@@ -192,3 +192,25 @@ def test_run_folds_once_and_writes_the_checked_fold(tmp_path, monkeypatch, data)
     for n, w0 in base.named_parameters():
         expected = w0 + 0.3 * sum(e[n] - w0 for e in experts)
         assert torch.allclose(dict(merged.named_parameters())[n], expected, atol=1e-6), n
+
+
+def test_hub_id_in_the_local_cache_is_read_from_its_snapshot(llama_family, tmp_path, monkeypatch):
+    """A hub id whose snapshot is in the cache is read from its files like a directory (nothing downloaded)."""
+    import huggingface_hub.constants
+
+    from adamerge import ExpertPool
+
+    base_dir, dirs = llama_family.save(tmp_path)
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--expert" / "snapshots" / ("0" * 40)
+    llama_family.expert(0).save_pretrained(snapshot)
+    (cache / "models--org--expert" / "refs").mkdir()
+    (cache / "models--org--expert" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    loaded, from_pretrained = [], ExpertPool._from_pretrained
+    monkeypatch.setattr(ExpertPool, "_from_pretrained",
+                        lambda self, source, role: (loaded.append(role), from_pretrained(self, source, role))[1])
+    tv = ExpertPool(str(base_dir), {"hub": "org/expert", "code": str(dirs["code"])}).task_vectors()
+    assert loaded == ["base"]
+    w0, expert = dict(llama_family.base().named_parameters()), dict(llama_family.expert(0).named_parameters())
+    assert all(torch.equal(stack[0], expert[n] - w0[n]) for n, stack in tv.stacks.items())
