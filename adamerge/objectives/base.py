@@ -77,14 +77,34 @@ class Objective:
     def finish(self, merged: nn.Module) -> None:
         """Called after training, before the fold (DOGE writes its adjusted task vectors here)."""
 
+    # Trainable tensors of its own that the fold needs (DOGE's and WUDI's deltas): the attribute holding them
+    # (a ParameterDict keyed by tensor name, "/" for "."), the key they are saved under, and what they are called.
+    own_tensors: str | None = None
+    saved_as = ""
+    saved_what = ""
+
+    def _saved_key(self, key: str) -> str:
+        return f"{self.state_prefix}{self.saved_as}.{key.replace('/', '.')}"
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors of its own stored beside the coefficients (keys start with ``state_prefix``), so
         that ``adamerge fold`` can redo the fold."""
-        return {}
+        own = getattr(self, self.own_tensors) if self.own_tensors else {}
+        return {self._saved_key(key): t.detach() for key, t in own.items()}
 
+    @torch.no_grad()
     def load_state_tensors(self, merged: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
         """Put ``merged`` in the state ``finish`` left it in, from saved ``state_tensors`` (the file
         may hold other keys too)."""
+        if not self.own_tensors:
+            return
+        self.setup(merged, None)
+        for key, own in getattr(self, self.own_tensors).items():
+            saved = tensors.get(self._saved_key(key))
+            if saved is None:
+                raise AdamergeError(f"the saved coefficients hold no {self.saved_what} for {key.replace('/', '.')!r}")
+            own.copy_(saved)
+        self.finish(merged)
 
     # ---- scoring helpers shared by the objectives ----------------------------------------------
 

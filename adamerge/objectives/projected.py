@@ -40,6 +40,7 @@ class Projected(Objective):
 
     needs_data = False
     supports_offload = False  # it rewrites the task vectors themselves, next to the coefficients
+    own_tensors, saved_as, saved_what = "deltas", "delta", "DOGE delta"  # task vectors become (tau_i + delta) * mask_i
 
     def __init__(self, rho: float = 0.07, mask_density: float | None = None, shared_rank: int | None = None,
                  **kwargs) -> None:
@@ -101,17 +102,3 @@ class Projected(Objective):
     def finish(self, merged) -> None:
         for name in self.names:
             merged.replace_stack(name, self.adjusted(merged, name).to(merged.stack(name).dtype))
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{self.state_prefix}delta.{key.replace('/', '.')}": d.detach() for key, d in self.deltas.items()}
-
-    @torch.no_grad()
-    def load_state_tensors(self, merged, tensors) -> None:
-        """Rebuild the adjusted task vectors ``(tau_i + delta) * mask_i`` from the saved deltas."""
-        self.setup(merged, None)
-        for key, delta in self.deltas.items():
-            saved = tensors.get(f"{self.state_prefix}delta.{key.replace('/', '.')}")
-            if saved is None:
-                raise AdamergeError(f"the saved coefficients hold no DOGE delta for {key.replace('/', '.')!r}")
-            delta.copy_(saved)
-        self.finish(merged)

@@ -80,6 +80,7 @@ class Wudi(Objective):
 
     needs_data = False
     supports_offload = False  # it rewrites the task vectors themselves, next to the coefficients
+    own_tensors, saved_as, saved_what = "merged_deltas", "merged_delta", "WUDI merged delta"  # tau_m per matrix
 
     def __init__(self, exclude: Sequence[str] = (), **kwargs) -> None:
         super().__init__(**kwargs)
@@ -124,18 +125,3 @@ class Wudi(Objective):
                                     "written as task vectors; start them elsewhere (granularity.init)")
             residual = self.merged_deltas[_key(name)] - (coef * stack.float()).sum(0)
             merged.replace_stack(name, (stack.float() + residual / total).to(stack.dtype))
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{self.state_prefix}merged_delta.{key.replace('/', '.')}": d.detach()
-                for key, d in self.merged_deltas.items()}
-
-    @torch.no_grad()
-    def load_state_tensors(self, merged, tensors) -> None:
-        """Rebuild the adjusted task vectors from the saved merged deltas ``tau_m``."""
-        self.setup(merged, None)
-        for key, delta in self.merged_deltas.items():
-            saved = tensors.get(f"{self.state_prefix}merged_delta.{key.replace('/', '.')}")
-            if saved is None:
-                raise AdamergeError(f"the saved coefficients hold no WUDI merged delta for {key.replace('/', '.')!r}")
-            delta.copy_(saved)
-        self.finish(merged)
