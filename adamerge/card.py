@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import yaml
 
+from adamerge.kinship import CARD_ENTRIES
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 MOVED_SHOWN = 5  # tensors listed under "moved most"
 
@@ -192,7 +194,8 @@ def model_card(
     if kinship:
         lines += ["", "## Kinship of the experts", "", "Cosine similarity of each pair's task vectors as merged (after "
                   "any `pool.preprocess`) and the agreement of their signs where both change a parameter; low "
-                  "values mark experts that interfere.", "", *kinship]
+                  f"values mark experts that interfere (on at most {CARD_ENTRIES:,} evenly spaced entries per tensor; "
+                  "`python -m adamerge inspect` reads every entry).", "", *kinship]
     if metrics:
         columns = sorted({c for row in metrics.values() for c in row})
         lines += ["", "## Metrics", "", "| model | " + " | ".join(columns) + " |",

@@ -132,10 +132,21 @@ def markdown(result: Kinship, shown: int = SHOWN_LAYERS) -> list[str]:
     return lines
 
 
-def merged_kinship(merged) -> list[str]:
-    """The table for a merge (the model card): the task vectors as merged, i.e. after ``pool.preprocess``."""
+CARD_ENTRIES = 1 << 16  # entries per tensor the model card's table reads (``inspect`` reads them all)
+
+
+def evenly_spaced(stack: torch.Tensor, most: int) -> torch.Tensor:
+    """At most ``most`` evenly spaced entries of each expert's flattened task vector (a strided view)."""
+    flat = stack.flatten(1)
+    return flat[:, :: -(-flat.shape[1] // most)]
+
+
+def merged_kinship(merged, entries: int = CARD_ENTRIES) -> list[str]:
+    """The table for a merge (the model card): the task vectors as merged, i.e. after ``pool.preprocess``, on
+    at most ``entries`` evenly spaced entries per tensor: every entry of every pair cost a static merge of a
+    127M Llama more CPU time than merging it (BENCHMARKS.md); the sample's cosines are estimates."""
     with torch.no_grad():
-        return markdown(kinship(merged.experts, ((n, merged.stack(n)) for n in merged.names)))
+        return markdown(kinship(merged.experts, ((n, evenly_spaced(merged.stack(n), entries)) for n in merged.names)))
 
 
 # ---- python -m adamerge inspect --------------------------------------------------------------------------

@@ -13,10 +13,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
@@ -25,6 +25,9 @@ from adamerge.granularity import Granularity
 from adamerge.offload import HostStacks, Streamed
 from adamerge.sharding import Sharded, regather_in_backward, shard_stack
 from adamerge.taskvectors import LoraFactors, TaskVectors
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 # a dense (K, *shape) stack, LoRA factors, an offloaded stack, this rank's rows of a sharded stack
 Source = torch.Tensor | LoraFactors | Streamed | Sharded

@@ -26,14 +26,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from adamerge.errors import AdamergeError
+
+if TYPE_CHECKING:  # torch.distributed.tensor costs ~1 s to import: only sharded runs import it
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
 
 SHARDED_DIM = 1  # of a (K, *shape) stack: the rows of its tensor
 
@@ -59,6 +61,8 @@ def rank_mesh(device: torch.device) -> DeviceMesh | None:
     """A 1-D mesh over every rank of the default process group; None with a single process."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return None
+    from torch.distributed.device_mesh import init_device_mesh
+
     return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
@@ -91,7 +95,7 @@ class Sharded:
 
     @property
     def split(self) -> bool:
-        return isinstance(self.stack.placements[0], Shard)
+        return self.stack.placements[0].is_shard()
 
     def rows(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This rank's rows of ``t`` (``W0``: dim 0, expanded coefficients: dim 1); a size-1 dim broadcasts."""
@@ -104,6 +108,8 @@ class Sharded:
         a sum over ranks (``Partial``): backward reduce-scatters it onto the rows this rank holds."""
         if not self.split:
             return local
+        from torch.distributed.tensor import DTensor, Partial, Shard
+
         shape = self.stack.shape[1:]
         rows = DTensor.from_local(local, self.stack.device_mesh, [Shard(0)], run_check=False, shape=shape,
                                   stride=contiguous_stride(shape))
@@ -126,6 +132,8 @@ class Sharded:
 def shard_stack(stack: torch.Tensor, mesh: DeviceMesh, device: torch.device) -> Sharded:
     """This rank's rows of ``stack``, copied to ``device`` (so that the whole stack can be freed).
     Every rank built the same stacks (same files, same seed), so no data travels between ranks."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
     if stack.dim() < 2:  # a 0-d tensor's stack: nothing to split
         return Sharded(DTensor.from_local(stack.to(device), mesh, [Replicate()], run_check=False), 0, 1)
     start, stop = row_range(stack.shape[SHARDED_DIM], mesh.size(), mesh.get_local_rank())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adamerge.card import model_card
-from adamerge.kinship import kinship, layer_of, main, markdown, stacks_of
+from adamerge.kinship import CARD_ENTRIES, evenly_spaced, kinship, layer_of, main, markdown, stacks_of
 
 
 def test_cosine_and_sign_agreement_by_hand():
@@ -67,3 +67,18 @@ def test_card_carries_the_kinship_table():
     card = model_card(None, {"a": "x", "b": "y"}, {}, kinship=["| experts | cosine, sign agreement |", "|---|---|",
                                                           "| a / b | 0.1, 50% |"])
     assert "## Kinship of the experts" in card and "| a / b | 0.1, 50% |" in card
+
+
+def test_the_cards_sample_estimates_the_whole_tensor():
+    """The model card reads at most CARD_ENTRIES evenly spaced entries per tensor; on a large stack of
+    correlated task vectors its cosines and sign agreements stay close to those of every entry."""
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randn(512, 512, generator=gen)
+    stack = torch.stack([shared + torch.randn(512, 512, generator=gen) * s for s in (0.5, 1.0, 2.0)])
+    whole = kinship(["a", "b", "c"], [("w", stack)]).overall
+    sample = evenly_spaced(stack, CARD_ENTRIES)
+    assert sample.shape[1] <= CARD_ENTRIES < stack[0].numel()
+    estimate = kinship(["a", "b", "c"], [("w", sample)]).overall
+    for pair, stats in whole.items():
+        assert estimate[pair].cosine == pytest.approx(stats.cosine, abs=0.01)
+        assert estimate[pair].sign_agreement == pytest.approx(stats.sign_agreement, abs=0.01)
