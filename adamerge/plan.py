@@ -9,7 +9,8 @@ every figure follows the memory model of docs/ARCHITECTURE.md:
   ``(rows + cols) x sum of ranks``; in host memory under ``pool.offload=cpu`` (two stacks in transit on an
   accelerator); ``pool.shard=true`` divides them by the number of ranks on the device (each process still
   builds them whole in host memory first);
-- one expert while loading (host): the task vectors are built one expert at a time;
+- one expert while loading (host), an upper bound: the task vectors are built one expert at a time, a module
+  per expert only where one is needed (LoRA adapters, heads, other formats; else one tensor at a time);
 - merged weights: every merged tensor in the base's dtype, alive for the step (the fold's copy after it;
   ``pool.shard=true``: gathered for the forwards, gathered again one at a time in backward), their gradients
   in backward when a step has several tasks (each task's graph uses every weight), plus the largest merge
@@ -440,7 +441,8 @@ def make_plan(config: Mapping, rows: Mapping[str, int] | None = None, base: nn.M
         Line("task vectors", on_device_stacks + factor_bytes,
              per_node * (host_stacks + (factor_bytes if built_on_host else 0)),
              stack_note(dense, factors, ranks_of, k, tv_dtype or base_dtype, offload, accelerator, shard, split, ddp)),
-        Line("one expert while loading", 0, per_node * expert_bytes, "experts are read one at a time, then dropped"),
+        Line("one expert while loading", 0, per_node * expert_bytes,
+             "at most: an expert built as a module (safetensors experts of the base's type: one tensor at a time)"),
         Line("merged weights", merged_device + gradients + temporary, 0,
              f"{len(vector_names)} tensors in {str(base_dtype).replace('torch.', '')} for the step (the fold's "
              f"copy after it)" + (", their gradients in backward" if gradients else "")
