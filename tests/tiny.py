@@ -194,3 +194,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def assert_refold_writes_the_same(out: Path, again: Path) -> None:
+    """``adamerge fold`` of the run written to ``out`` (its saved coefficients and own tensors) into ``again``
+    writes ``out``'s weights (to fp32 rounding)."""
+    from safetensors.torch import load_file
+
+    from adamerge.fold import refold
+
+    refold(out, again)
+    first, second = (load_file(d / "model.safetensors") for d in (out, again))
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=0, atol=1e-6)
