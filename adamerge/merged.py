@@ -162,8 +162,9 @@ class MergedModel(nn.Module):
         granularity.setup(self.experts, [task_vectors.infos[n] for n in self.names])
         unfit = [n for n in task_vectors.factors if not fits_factors(granularity.broadcast(n).shape)]
         if unfit:
-            task_vectors = task_vectors.densified(
-                f"{type(granularity).__name__}'s coefficients vary along both axes of a matrix", unfit)
+            why = ("a Concrete mask (granularity.mask) varies element by element" if granularity.mask is not None
+                   else f"{type(granularity).__name__}'s coefficients vary along both axes of a matrix")
+            task_vectors = task_vectors.densified(why, unfit)
         self.host = HostStacks(dict(task_vectors.stacks)) if task_vectors.offloaded else None
         self.task_vectors = nn.Module()  # a namespace so that .to(device) moves the stacks (unless offloaded)
         if self.host is None:
