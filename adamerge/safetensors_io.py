@@ -124,6 +124,10 @@ class LazyTensors(MutableMapping):
         self.assigned.pop(name, None)
         del self.layout[name]
 
+    def __contains__(self, name: object) -> bool:
+        """From the layout (Mapping's default would read the tensor to find out)."""
+        return name in self.assigned or name in self.layout
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.layout)
 

@@ -92,7 +92,7 @@ def test_values_are_produced_and_written_one_at_a_time(llama_family, tmp_path):
 
 def test_sharded_expert_gives_the_task_vectors_of_from_pretrained(llama_family, tmp_path, monkeypatch):
     """No module per expert (only the base goes through from_pretrained), one expert tensor in memory at a time,
-    and the stacks equal ``from_pretrained(expert) - base``."""
+    each read once, and the stacks equal ``from_pretrained(expert) - base``."""
     from transformers import AutoModelForCausalLM
 
     from adamerge import ExpertPool
@@ -100,7 +100,7 @@ def test_sharded_expert_gives_the_task_vectors_of_from_pretrained(llama_family, 
     base_dir, dirs = llama_family.save(tmp_path)
     llama_family.expert(1).save_pretrained(dirs["code"], max_shard_size=SMALL_SHARDS)  # sharded + index
     (dirs["code"] / "model.safetensors").unlink()
-    loaded, live, most = [], set(), [0]
+    loaded, live, most, reads = [], set(), [0], []
     from_pretrained, getitem = ExpertPool._from_pretrained, LazyTensors.__getitem__
 
     def counted(self, source, role):
@@ -109,6 +109,7 @@ def test_sharded_expert_gives_the_task_vectors_of_from_pretrained(llama_family, 
 
     def tracked(self, name):
         tensor = getitem(self, name)
+        reads.append((id(self), name))
         live.add(id(tensor))
         most[0] = max(most[0], len(live))
         weakref.finalize(tensor, live.discard, id(tensor))
@@ -119,6 +120,7 @@ def test_sharded_expert_gives_the_task_vectors_of_from_pretrained(llama_family, 
     pool = ExpertPool(str(base_dir), {n: str(d) for n, d in dirs.items()})
     tv = pool.task_vectors()
     assert loaded == ["base"] and most[0] == 1
+    assert len(reads) == len(set(reads)) == len(dirs) * len(tv.stacks)  # ``name in expert`` reads nothing
     w0 = dict(pool.base.named_parameters())
     for k, name in enumerate(pool.expert_names):
         expert = dict(AutoModelForCausalLM.from_pretrained(dirs[name]).named_parameters())
