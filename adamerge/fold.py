@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from adamerge.loading import build_pool, build_task_vectors, build_tokenizer, is
 from adamerge.merged import MergedModel
 from adamerge.objectives import OBJECTIVES, Objective
 from adamerge.options import construct
-from adamerge.pool import ExpertPool
+from adamerge.pool import ExpertPool, read_json_object
 from adamerge.taskvectors import TaskVectors
 from adamerge.terminal import quiet
 from adamerge.writing import RunResult, write_output
@@ -53,14 +52,6 @@ def read_run_config(source: Path) -> tuple[dict, dict]:
                             "granularity and objective)")
     record = config.pop(MARKER_KEY, None)
     return config, record if isinstance(record, dict) else {}
-
-
-def read_metrics(source: Path) -> dict:
-    try:
-        metrics = json.loads((source / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return metrics if isinstance(metrics, dict) else {}
 
 
 def check_inputs_unchanged(record: dict, pool_cfg: dict, force: bool) -> None:
@@ -119,7 +110,7 @@ def refold(source: str | Path, output_dir: str | Path, overwrite: bool = False, 
     if isinstance(details, dict):
         details = {k: v for k, v in details.items() if k != "trust_remote_code"}
         details["refolded"] = f"from {source.resolve()} on {datetime.date.today()} (adamerge fold)"
-    result = RunResult(Path(output_dir), read_metrics(source), merged.granularity.table(),
+    result = RunResult(Path(output_dir), read_json_object(source / "metrics.json"), merged.granularity.table(),
                        (details or {}).get("fold max |diff| (logits)"))
     write_output(merged, pool, objective, config, result, protected, details if isinstance(details, dict) else None)
     return Path(output_dir)

@@ -412,13 +412,18 @@ def check_finite_expert(expert: str, params: Mapping[str, torch.Tensor], factors
         raise AdamergeError(f"expert {expert!r}: tensor {bad!r} holds NaN/Inf; refusing to merge it")
 
 
-def read_config(directory: Path) -> dict:
-    """A model directory's ``config.json`` as a dict ({} where it is unreadable: loading it will say why)."""
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object, as a dict ({} where it is missing or unreadable: its user says why)."""
     try:
-        config = json.loads((directory / "config.json").read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return config if isinstance(config, dict) else {}
+    return value if isinstance(value, dict) else {}
+
+
+def read_config(directory: Path) -> dict:
+    """A model directory's ``config.json`` as a dict ({} where it is unreadable: loading it will say why)."""
+    return read_json_object(directory / "config.json")
 
 
 def same_kind(directory: Path) -> tuple:
